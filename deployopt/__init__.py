@@ -1,0 +1,16 @@
+"""deployopt: make a model smaller and faster for deployment, and prove it is still right."""
+
+from deployopt import errors
+from deployopt.variant import Variant
+
+__version__ = "0.1.0"
+__all__ = ["optimize", "Variant", "errors", "__version__"]
+
+
+def __getattr__(name: str):
+    # Heavy runtimes (torch, onnxruntime) load only when the API is used.
+    if name == "optimize":
+        from deployopt.api import optimize
+
+        return optimize
+    raise AttributeError(name)

@@ -1,0 +1,158 @@
+"""Command line. The ONLY place that maps errors and verdicts to exit codes.
+
+Exit codes: 0 success, 2 usage or config error, 4 run invalid (runtime missing), 5 input model
+rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, 70 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from deployopt import errors
+
+app = typer.Typer(
+    name="deployopt",
+    help="Make a model smaller and faster for deployment with ONNX Runtime, and prove it is "
+    "still right.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+console = Console()
+_state = {"verbose": False}
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  deployopt optimize minilm -o out\n\n"
+    "  deployopt optimize ./my-bert-folder -o out --variants fuse,int8-dynamic\n\n"
+    "  deployopt optimize model.onnx -o out --calibration calib.npz\n\n"
+    "  deployopt optimize mypkg.models:make_cnn --input-shape x=1x3x32x32 -o out"
+)
+def optimize(
+    source: Annotated[str, typer.Argument(help="HF model folder, .onnx file, pkg.module:factory, or 'minilm' (bundled).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    variants: Annotated[str, typer.Option(help="Comma-separated: fuse,int8-dynamic,int8-static,fp16.")] = "fuse,int8-dynamic,int8-static,fp16",
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: text file (one example a line), .jsonl/.csv with 'text', or .npz.")] = None,
+    evaluation: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation data for parity (same formats). Default: bundled sentences for text models, seeded synthetic inputs otherwise.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = 18,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=DIMS for a PyTorch factory, e.g. x=1x3x32x32 (repeat per input).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory's module: .safetensors, or a tensors-only torch pickle.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Feature extractors: mean, cls or none (default: read from a sentence-transformers folder, else none).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
+    calibration_samples: Annotated[int, typer.Option(help="Most samples used to calibrate static INT8.")] = 64,
+    max_length: Annotated[int, typer.Option(help="Token limit for text data.")] = 128,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild variants even when a finished one with the same id exists.")] = False,
+) -> None:
+    """Export a model to ONNX and build validated variants (fuse, int8-dynamic, int8-static, fp16).
+
+    Every variant is proved against its reference on an evaluation set; one outside tolerance
+    is kept out and recorded with its numbers. Results: OUT/manifest.json and OUT/variants/<id>/.
+    """
+    from deployopt.inputs import parse_shape_overrides
+
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    shapes = parse_shape_overrides(input_shape or [])
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from deployopt.api import optimize as run_optimize
+
+    steps = ["load", "export", *names]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("loading model", total=len(steps))
+
+        def log(msg: str) -> None:
+            progress.console.print(f"  {msg}", highlight=False)
+            if msg.split(":")[0] in steps:
+                progress.advance(task)
+                progress.update(task, description=f"building {msg.split(':')[0]} ...")
+
+        progress.advance(task)
+        progress.update(task, description="exporting")
+        result = run_optimize(
+            source, out, variants=names, calibration=calibration, evaluation=evaluation,
+            opset=opset, input_shapes=shapes, weights=weights, pooling=pooling,
+            trust_remote_code=trust_remote_code, threads=threads, force=force, log=log,
+            calibration_samples=calibration_samples, max_length=max_length,
+        )
+    _print_table(result)
+    if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
+        raise errors.NoViableVariantError(
+            f"no variant passed its checks; see {result.manifest}")
+
+
+def _print_table(result) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"deployopt: {result.out_dir}")
+    for col in ("variant", "status", "size MB", "mean cos", "min cos", "max |diff|"):
+        t.add_column(col, justify="right" if col not in ("variant", "status") else "left",
+                     no_wrap=True)
+    notes = []
+    for v in result.variants:
+        p = v.parity or {}
+        size = v.metrics.get("size_bytes")
+        note = v.reason or "; ".join(v.warnings)
+        if note:
+            notes.append(f"{v.name}: {note}")
+        t.add_row(
+            v.name,
+            {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}[v.status],
+            f"{size / 1e6:.1f}" if size else "-",
+            f"{p['mean_cosine']:.5f}" if p else "-",
+            f"{p['min_cosine']:.5f}" if p else "-",
+            f"{p['max_abs_diff']:.2e}" if p else "-",
+        )
+    console.print(t)
+    for n in notes:
+        console.print(f"  {n}", highlight=False, soft_wrap=True)
+    console.print(f"manifest: {result.manifest}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, map errors to exit codes in one place."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except errors.DeployoptError as e:
+        if _state["verbose"]:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        if e.hint:
+            err_console.print(f"[bold]hint:[/] {e.hint}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]error:[/] interrupted; finished variants are kept, "
+                          "nothing half-written")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # typer/click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(errors.EXIT_USAGE)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        traceback.print_exc()
+        err_console.print("[bold red]internal error[/] (a bug in deployopt: please report it "
+                          "with the traceback above)")
+        sys.exit(errors.EXIT_INTERNAL)
+    sys.exit(0)

@@ -1,0 +1,58 @@
+"""Validated run configuration: the CLI compiles its flags into these models, the API builds
+them from keyword arguments, so both paths are checked by the same rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deployopt.errors import ConfigError
+
+VARIANTS = ("fuse", "int8-dynamic", "int8-static", "fp16")
+DEFAULT_VARIANTS = VARIANTS
+
+
+class OptimizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    opset: int = Field(18, ge=14, le=23)
+    calibration: Path | None = None
+    evaluation: Path | None = None
+    calibration_samples: int = Field(64, ge=1, le=4096)
+    eval_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(128, ge=8, le=8192)
+    batch_size: int = Field(8, ge=1, le=1024)
+    threads: int | None = Field(None, ge=1)
+    pooling: str | None = None
+    trust_remote_code: bool = False
+    per_channel: bool = True
+    calibration_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
+    fp16_op_block_list: tuple[str, ...] = ()
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [x for x in v if x not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("pooling")
+    @classmethod
+    def _pooling(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("mean", "cls", "none"):
+            raise ValueError("pooling must be mean, cls or none")
+        return v
+
+
+def make_config(**kwargs: Any) -> OptimizeConfig:
+    """Build an OptimizeConfig, turning validation errors into one-line ConfigErrors."""
+    try:
+        return OptimizeConfig(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        raise ConfigError(f"{where}: {err['msg']}") from None

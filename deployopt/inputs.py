@@ -1,0 +1,222 @@
+"""Input signatures and the data that feeds them: evaluation, calibration, synthetic.
+
+A *batch* is a dict ``input name -> numpy array`` with the batch dimension first. Text models
+get real sentences through their tokenizer (never random token ids); other models read an
+``.npz`` file (one array per input, samples first) or get seeded synthetic data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deployopt.errors import DataError, UsageError
+
+Batch = dict[str, np.ndarray]
+
+ONNX_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype name, shape with ``str`` for symbolic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def is_text(self) -> bool:
+        return self.name in TEXT_INPUTS
+
+
+def specs_from_onnx(model_path: Path) -> list[InputSpec]:
+    """Read the graph inputs (initializers excluded) of an ONNX file without loading weights."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    elem = onnx.helper.tensor_dtype_to_np_dtype
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims: list[int | str] = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or f"dim{i}")
+        specs.append(InputSpec(inp.name, np.dtype(elem(tt.elem_type)).name, tuple(dims)))
+    return specs
+
+
+def parse_shape_overrides(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``name=1x3x32x32`` (or ``name=1,3,32,32``) flags."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = tuple(int(d) for d in dims.replace(",", "x").split("x") if d)
+        except ValueError:
+            raise UsageError(
+                f"bad --input-shape {item!r}", hint="write NAME=DIMS, e.g. --input-shape x=1x3x32x32"
+            ) from None
+    return out
+
+
+def synthetic_batches(
+    specs: Sequence[InputSpec],
+    samples: int,
+    batch_size: int,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> list[Batch]:
+    """Seeded random inputs for a signature: floats ~ N(0, 1), ints in [0, 100), masks of ones."""
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    batches = []
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        batch = {}
+        for s in specs:
+            shape = [n] + [_dim(d, dims) for d in s.shape[1:]]
+            dt = np.dtype(s.dtype)
+            if s.name == "attention_mask" or dt == np.bool_:
+                batch[s.name] = np.ones(shape, dtype=dt)
+            elif s.name == "token_type_ids":
+                batch[s.name] = np.zeros(shape, dtype=dt)
+            elif np.issubdtype(dt, np.integer):
+                batch[s.name] = rng.integers(0, 100, size=shape).astype(dt)
+            else:
+                batch[s.name] = rng.standard_normal(shape).astype(dt)
+        batches.append(batch)
+    return batches
+
+
+def _dim(d: int | str, dims: Mapping[str, int]) -> int:
+    if isinstance(d, int):
+        return d
+    if d in dims:
+        return dims[d]
+    return dims.get("*", 16)
+
+
+def text_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    specs: Sequence[InputSpec],
+    batch_size: int,
+    max_length: int,
+) -> list[Batch]:
+    """Tokenize real sentences into batches padded to each batch's longest sentence."""
+    wanted = {s.name: np.dtype(s.dtype) for s in specs}
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
+        batch = {}
+        for name, dt in wanted.items():
+            if name in enc:
+                batch[name] = np.asarray(enc[name]).astype(dt)
+            elif name == "token_type_ids":
+                batch[name] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=dt)
+            else:
+                raise DataError(f"the tokenizer gives no {name!r}, which the model needs")
+        batches.append(batch)
+    return batches
+
+
+def read_texts(path: Path, limit: int | None = None) -> list[str]:
+    """Read text examples: one a line (.txt), a ``text`` field (.jsonl) or first column (.csv)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file", hint="give an existing file path")
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            if suffix == ".jsonl":
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        texts.append(str(rec["text"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise DataError(
+                            f"{path}:{lineno}: not a JSON object with a 'text' field",
+                            hint='write one object a line, e.g. {"text": "a sentence"}',
+                        ) from None
+            elif suffix == ".csv":
+                import csv
+
+                reader = csv.DictReader(f)
+                col = "text" if reader.fieldnames and "text" in reader.fieldnames else None
+                if col is None:
+                    raise DataError(f"{path}: CSV has no 'text' column", hint="add a header 'text'")
+                texts = [row[col] for row in reader if row.get(col)]
+            else:
+                texts = [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise DataError(f"{path}: no examples found", hint="the file is empty")
+    return texts[:limit] if limit else texts
+
+
+def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[Batch]:
+    """Read an ``.npz`` (one array per input name) or ``.npy`` (single-input models)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file", hint="give an existing file path")
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise DataError(f"{path}: an .npy feeds one input, the model has {len(specs)}",
+                                hint="use an .npz with one array per input name")
+            arrays = {specs[0].name: np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npz/.npy file ({e})") from None
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise DataError(f"{path}: no array for input(s) {', '.join(missing)}",
+                        hint=f"the model's inputs are {', '.join(s.name for s in specs)}")
+    n = {len(arrays[s.name]) for s in specs}
+    if len(n) != 1:
+        raise DataError(f"{path}: arrays have different sample counts {sorted(n)}")
+    total = n.pop()
+    return [
+        {s.name: np.asarray(arrays[s.name][i : i + batch_size]).astype(s.dtype) for s in specs}
+        for i in range(0, total, batch_size)
+    ]
+
+
+def count_samples(batches: Sequence[Batch]) -> int:
+    return sum(len(next(iter(b.values()))) for b in batches) if batches else 0

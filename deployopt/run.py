@@ -1,0 +1,350 @@
+"""The Runner: export, build each variant, prove each against its reference, write the output.
+
+Output layout::
+
+    OUT/manifest.json               every variant: name, status, reason, path, parity
+    OUT/variants/<id>/model.onnx    (+ model.onnx.data past 1.8 GB)
+    OUT/variants/<id>/variant.json  parent, stage, params, sha256, metrics, parity
+
+Each variant folder is built in a temporary folder and renamed into place when finished; the
+manifest is written last. Re-running with the same inputs reuses finished variants by id.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from deployopt.config import OptimizeConfig
+from deployopt.errors import DeployoptError, ParityError, StageError
+from deployopt.inputs import (
+    Batch,
+    InputSpec,
+    count_samples,
+    read_arrays,
+    read_texts,
+    specs_from_onnx,
+    synthetic_batches,
+    text_batches,
+)
+from deployopt.parity import EXACT, Tolerance, compare
+from deployopt.sources import OnnxSource, Source, TorchSource, read_onnx
+from deployopt.stages.base import MODEL_FILE, Context, model_files, save_model, size_bytes
+from deployopt.variant import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, Variant, variant_id
+from deployopt.workspace import atomic_dir, clean_stale_temps, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+SYNTHETIC_SAMPLES = 64
+
+
+@dataclass
+class OptimizeResult:
+    out_dir: Path
+    variants: list[Variant]
+    manifest: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def by_name(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def default_texts(kind: str) -> list[str]:
+    name = "eval_sentences.txt" if kind == "eval" else "calibration_sentences.txt"
+    text = resources.files("deployopt.data").joinpath(name).read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def build_data(source: Source, specs: list[InputSpec], cfg: OptimizeConfig
+               ) -> tuple[list[Batch], list[Batch], dict[str, str]]:
+    """Evaluation and calibration batches, and a description of where each came from."""
+    text = source.tokenizer is not None and all(s.is_text for s in specs)
+    bs = cfg.batch_size
+    desc = {}
+
+    def load(path: Path | None, kind: str, seed: int) -> list[Batch]:
+        limit = cfg.eval_samples if kind == "eval" else None
+        if text:
+            if path is None or path.suffix not in (".npz", ".npy"):
+                texts = read_texts(path, limit) if path else default_texts(kind)[:limit]
+                desc[kind] = f"{path or 'bundled ' + kind + ' sentences'} ({len(texts)} texts)"
+                return text_batches(source.tokenizer, texts, specs, bs, cfg.max_length)
+        if path is not None:
+            batches = read_arrays(path, specs, bs)
+            desc[kind] = f"{path} ({count_samples(batches)} samples)"
+            return batches
+        n = limit or SYNTHETIC_SAMPLES
+        desc[kind] = f"synthetic seeded inputs ({n} samples, seed {seed})"
+        return synthetic_batches(specs, n, bs, {"*": 16}, seed=seed)
+
+    evaluation = load(cfg.evaluation, "eval", 0)
+    calibration = load(cfg.calibration, "calibration", 1)
+    # one single-sample batch: export is proved on batch 1 as well as on full batches
+    first = evaluation[0]
+    evaluation = evaluation + [{k: v[:1] for k, v in first.items()}]
+    return evaluation, calibration, desc
+
+
+class Runner:
+    def __init__(self, source: Source, out_dir: Path, cfg: OptimizeConfig,
+                 log: Callable[[str], None] = print, force: bool = False):
+        self.source = source
+        self.out = Path(out_dir)
+        self.cfg = cfg
+        self.log = log
+        self.force = force
+        self.variants: list[Variant] = []
+        self.timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- public
+
+    def run(self, on_step: Callable[[str], None] = lambda s: None) -> OptimizeResult:
+        (self.out / "variants").mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.out)
+        clean_stale_temps(self.out / "variants")
+        from deployopt.stages.fp16 import Fp16Stage
+        from deployopt.stages.fuse import FuseStage
+        from deployopt.stages.quantize import DynamicQuantStage, StaticQuantStage
+
+        on_step("export")
+        base, evaluation, calibration, desc = self._root()
+        self.meta = {"data": desc, "source": self.source.label, "task": self.source.meta.task}
+        if not base.ok:
+            self._finish()
+            raise ParityError(f"{base.name}: {base.reason}", failures=list(
+                (base.parity or {}).get("failures", [])))
+        specs = specs_from_onnx(base.path)
+        ctx = Context(meta=self.source.meta, specs=specs, calibration=calibration,
+                      evaluation=evaluation, threads=self.cfg.threads, log=self.log)
+        from deployopt.runtime.session import create_session, run_batches
+
+        reference = run_batches(create_session(base.path, threads=self.cfg.threads), evaluation)
+        stages = {
+            "fuse": lambda: FuseStage(),
+            "int8-dynamic": lambda: DynamicQuantStage(per_channel=self.cfg.per_channel),
+            "int8-static": lambda: StaticQuantStage(
+                methods=self.cfg.calibration_methods, max_samples=self.cfg.calibration_samples),
+            "fp16": lambda: Fp16Stage(op_block_list=self.cfg.fp16_op_block_list),
+        }
+        for name in self.cfg.variants:
+            on_step(name)
+            self._variant(stages[name](), ctx, reference)
+        return self._finish()
+
+    # ---------------------------------------------------------------- the root variant
+
+    def _root(self):
+        src = self.source
+        evaluation: list[Batch]
+        if isinstance(src, TorchSource):
+            evaluation, calibration, desc = build_data(src, src.specs, self.cfg)
+            self._evaluation = evaluation
+            from deployopt.stages import export as export_stage
+
+            def do_export(d: Path) -> None:
+                export_stage.export(src, d, self.cfg.opset)
+                _name_nodes(d)
+
+            params = {"opset": self.cfg.opset, "exporter": "dynamo"}
+            vid = variant_id(src.content_hash, "export", export_stage.VERSION, params)
+            ref = export_stage.torch_outputs(src, evaluation)
+            v = self._cached(vid) or self._build(vid, "fp32", "export", None, params, do_export)
+            v = self._prove(v, ref, EXACT, "PyTorch", classifier=src.meta.classifier_outputs)
+        else:
+            assert isinstance(src, OnnxSource)
+            specs = specs_from_onnx(src.path)
+            evaluation, calibration, desc = build_data(src, specs, self.cfg)
+            self._evaluation = evaluation
+            vid = src.content_hash[:16]
+
+            def copy(d: Path):
+                import onnx
+
+                read_onnx(src.path)  # checked again: the file may have changed since loading
+                save_model(onnx.load(str(src.path)), d)
+
+            v = self._cached(vid) or self._build(vid, "fp32", "input", None,
+                                                 {"source": str(src.path)}, copy)
+        self._record(v)
+        return v, evaluation, calibration, desc
+
+    # ---------------------------------------------------------------- variants
+
+    def _variant(self, stage, ctx: Context, reference) -> None:
+        parent = next((v for name in stage.parent for v in self.variants
+                       if v.name == name and v.ok), None)
+        params = stage.params()
+        if parent is None:
+            self._record(Variant(id=variant_id(None, stage.name, stage.version, params),
+                                 name=stage.name, stage=stage.name, parent=None, params=params,
+                                 status=STATUS_SKIPPED,
+                                 reason=f"no usable parent ({' or '.join(stage.parent)})"))
+            return
+        skip = stage.skip_reason(parent.path, ctx)
+        if stage.name in ("int8-static", "fp16"):  # calibration-dependent: the data is a param
+            params = {**params, "calibration": self.meta["data"].get("calibration")}
+        vid = variant_id(parent.id, stage.name, stage.version, params)
+        if skip:
+            self._record(Variant(id=vid, name=stage.name, stage=stage.name, parent=parent.id,
+                                 params=params, status=STATUS_SKIPPED, reason=skip))
+            return
+        v = self._cached(vid)
+        if v is None:
+            try:
+                v = self._build(vid, stage.name, stage.name, parent.id, params,
+                                lambda d: stage.apply(parent.path, d, ctx))
+            except StageError as e:
+                metrics = {"search": e.tried} if hasattr(e, "tried") else {}
+                v = Variant(id=vid, name=stage.name, stage=stage.name, parent=parent.id,
+                            params=params, status=STATUS_FAILED, reason=str(e), metrics=metrics)
+                self._write_failed(v)
+                self._record(v)
+                return
+        v = self._prove(v, reference, stage.tolerance, "fp32",
+                        classifier=self.source.meta.classifier_outputs)
+        self._record(v)
+
+    def _build(self, vid, name, stage, parent, params, fn) -> Variant:
+        """Run ``fn(tmpdir)`` to write the model, then rename the finished folder into place."""
+        final = self.out / "variants" / vid
+        t0 = time.perf_counter()
+        try:
+            with atomic_dir(final) as tmp:
+                result = fn(tmp)
+                model = tmp / MODEL_FILE
+                if not model.is_file():
+                    raise StageError(f"{name}: the stage wrote no model")
+                for p in tmp.glob(".*"):  # scratch files of the stage
+                    p.unlink() if p.is_file() else shutil.rmtree(p)
+                metrics = dict(getattr(result, "metrics", {}) or {})
+                metrics["size_bytes"] = size_bytes(model)
+                metrics["build_s"] = round(time.perf_counter() - t0, 2)
+                chosen = dict(getattr(result, "chosen", {}) or {})
+                if chosen:
+                    metrics["chosen"] = chosen
+                v = Variant(id=vid, name=name, stage=stage, parent=parent, params=params,
+                            path=final / MODEL_FILE, sha256=sha256_file(model), metrics=metrics,
+                            warnings=tuple(getattr(result, "warnings", []) or []))
+                write_json(tmp / "variant.json", v.to_json(relative_to=final))
+        except DeployoptError:
+            raise
+        except Exception as e:  # a library failing inside a stage fails that variant only
+            raise StageError(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        for w in v.warnings:
+            self.log(f"warning: {name}: {w}")
+        return v
+
+    def _cached(self, vid: str) -> Variant | None:
+        if self.force:
+            return None
+        folder = self.out / "variants" / vid
+        meta = folder / "variant.json"
+        if not meta.is_file():
+            return None
+        import json
+
+        try:
+            v = Variant.from_json(json.loads(meta.read_text()), base=folder)
+        except (ValueError, KeyError):
+            return None
+        if not v.ok or v.path is None or not v.path.is_file() or sha256_file(v.path) != v.sha256:
+            return None
+        self.log(f"{v.name}: reusing {vid}")
+        return v
+
+    def _prove(self, v: Variant, reference, tol: Tolerance, against: str, classifier=()) -> Variant:
+        """Parity of ``v`` against ``reference``; a variant outside tolerance becomes failed."""
+        from deployopt.runtime.session import create_session, run_batches
+
+        try:
+            sess = create_session(v.path, threads=self.cfg.threads)
+            cand = run_batches(sess, self._evaluation)
+        except DeployoptError as e:
+            return self._fail(v, f"cannot run: {e}")
+        except Exception as e:  # onnxruntime run errors
+            return self._fail(v, f"cannot run: {str(e).splitlines()[0][:300]}")
+        rep = compare(reference, cand, tol, classifier_outputs=classifier)
+        summary = {**rep.summary(), "against": against, "tolerance": tol.describe()}
+        v = replace(v, parity=summary)
+        if not rep.passed:
+            v = self._fail(v, f"parity vs {against} failed: " + "; ".join(rep.failures))
+        self._write_meta(v)
+        return v
+
+    def _fail(self, v: Variant, reason: str) -> Variant:
+        return replace(v, status=STATUS_FAILED, reason=reason)
+
+    def _write_meta(self, v: Variant) -> None:
+        if v.path is not None:
+            folder = v.path.parent
+            write_json(folder / "variant.json", v.to_json(relative_to=folder))
+
+    def _write_failed(self, v: Variant) -> None:
+        folder = self.out / "variants" / v.id
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / "variant.json", v.to_json())
+
+    def _record(self, v: Variant) -> None:
+        self.variants.append(v)
+        mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}[v.status]
+        extra = ""
+        if v.parity:
+            extra = f" mean cos {v.parity['mean_cosine']:.5f}"
+        self.log(f"{v.name}: {mark}{extra}" + (f" ({v.reason})" if v.reason else ""))
+
+    def _finish(self) -> OptimizeResult:
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "source": self.source.label,
+            "task": self.source.meta.task,
+            "data": getattr(self, "meta", {}).get("data", {}),
+            "variants": [manifest_entry(v, self.out) for v in self.variants],
+        }
+        path = self.out / MANIFEST
+        write_json(path, manifest)
+        return OptimizeResult(self.out, list(self.variants), path, getattr(self, "meta", {}))
+
+
+def manifest_entry(v: Variant, out: Path) -> dict[str, Any]:
+    p = v.parity or {}
+    return {
+        "id": v.id,
+        "name": v.name,
+        "stage": v.stage,
+        "parent": v.parent,
+        "status": v.status,
+        "reason": v.reason,
+        "path": str(v.path.relative_to(out)) if v.path is not None and v.ok else None,
+        "size_bytes": v.metrics.get("size_bytes"),
+        "parity": {k: p.get(k) for k in ("mean_cosine", "min_cosine", "max_abs_diff",
+                                         "nonfinite", "argmax_agreement", "samples", "against")}
+        if p else None,
+        "warnings": list(v.warnings),
+    }
+
+
+def _name_nodes(folder: Path) -> None:
+    """Give every node a unique name: quantization and fp16 block lists address nodes by name."""
+    import onnx
+
+    path = folder / MODEL_FILE
+    model = onnx.load(str(path))
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            changed = True
+        seen.add(node.name)
+    if changed:
+        for f in model_files(path):
+            f.unlink()
+        save_model(model, folder)

@@ -1,0 +1,1 @@
+"""onnxruntime lives here: session creation, execution-provider aliases."""

@@ -1,0 +1,1 @@
+"""One module per transform. ONNX-side stages share the :class:`Stage` contract in ``base``."""

@@ -1,0 +1,1 @@
+"""PyTorch-side helpers: model wrappers for export, (later) training, distillation, pruning."""
