@@ -1,0 +1,167 @@
+"""End-to-end optimize on tiny models built here: export parity, variants, output layout."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import deployopt
+from deployopt.errors import ParityError
+from tests.models import cnn, mlp
+
+
+def run_onnx(path, feeds):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def test_mlp_factory_all_variants(tmp_path):
+    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
+    names = [v.name for v in res.variants]
+    assert names == ["fp32", "fuse", "int8-dynamic", "int8-static", "fp16"]
+    fp32 = res.by_name("fp32")
+    assert fp32.ok and fp32.parity["against"] == "PyTorch"
+    # the exported graph reproduces PyTorch on a batch size that was never traced
+    x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = mlp()(torch.from_numpy(x)).numpy()
+    (got,) = run_onnx(fp32.path, {"x": x})
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    for v in res.variants:
+        assert v.ok, (v.name, v.reason)
+        assert v.parity["mean_cosine"] >= 0.99
+        assert onnx.load(str(v.path)) is not None
+    assert res.by_name("fp16").metrics["size_bytes"] < fp32.metrics["size_bytes"]
+
+
+def test_manifest_and_variant_files(tmp_path):
+    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                             variants=["int8-dynamic"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = {e["name"]: e for e in manifest["variants"]}["int8-dynamic"]
+    assert entry["status"] == "ok" and entry["reason"] == ""
+    assert set(entry["parity"]) >= {"mean_cosine", "min_cosine", "max_abs_diff"}
+    folder = tmp_path / entry["path"]
+    assert folder.name == "model.onnx" and folder.parent.name == entry["id"]
+    meta = json.loads((folder.parent / "variant.json").read_text())
+    assert meta["parent"] == res.by_name("fp32").id
+    assert meta["stage"] == "int8-dynamic"
+    from deployopt.workspace import sha256_file
+
+    assert meta["sha256"] == sha256_file(folder)
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_rerun_reuses_variants_by_id(tmp_path):
+    logs: list[str] = []
+    a = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                           variants=["fuse"])
+    mtime = a.by_name("fuse").path.stat().st_mtime_ns
+    b = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                           variants=["fuse"], log=logs.append)
+    assert [v.id for v in a.variants] == [v.id for v in b.variants]
+    assert b.by_name("fuse").path.stat().st_mtime_ns == mtime
+    assert any("reusing" in m for m in logs)
+
+
+def test_cnn_conv_bn_relu(tmp_path):
+    res = deployopt.optimize("tests.models:cnn", tmp_path, input_shapes={"x": (1, 3, 16, 16)},
+                             variants=["fuse", "int8-static"])
+    fuse = res.by_name("fuse")
+    assert fuse.ok and fuse.metrics["nodes"] <= fuse.metrics["nodes_before"]
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = cnn().eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_onnx(fuse.path, {"x": x})[0], ref, atol=1e-4)
+    st = res.by_name("int8-static")
+    assert st.ok, st.reason
+    assert st.parity["argmax_agreement"] is not None and st.parity["argmax_agreement"] >= 0.95
+
+
+def test_module_object_through_the_api(tmp_path):
+    res = deployopt.optimize(mlp(), tmp_path, input_shapes={"x": (1, 16)}, variants=["fp16"])
+    assert res.by_name("fp16").ok
+
+
+def test_export_parity_failure_is_fatal_and_lists_outputs(tmp_path, monkeypatch):
+    """An exporter that writes a wrong graph must fail the run with the measured numbers."""
+    from deployopt.stages import export as export_stage
+
+    real = export_stage.export
+
+    def wrong_export(source, out_dir, opset=18):
+        path = real(source, out_dir, opset)
+        m = onnx.load(str(path))
+        for init in m.graph.initializer:  # corrupt the last layer's bias
+            if init.dims == [4]:
+                arr = onnx.numpy_helper.to_array(init) + 5.0
+                init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        onnx.save(m, str(path))
+        return path
+
+    monkeypatch.setattr(export_stage, "export", wrong_export)
+    with pytest.raises(ParityError) as e:
+        deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
+    assert "parity vs PyTorch failed" in str(e.value)
+    assert "output: max abs diff" in str(e.value)
+    assert e.value.failures and e.value.exit_code == 8
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [(v["name"], v["status"]) for v in manifest["variants"]] == [("fp32", "failed")]
+    assert manifest["variants"][0]["path"] is None
+
+
+def test_interrupted_stage_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    from deployopt.stages import fuse
+
+    def killed(self, src, out_dir, ctx):
+        (out_dir / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fuse.FuseStage, "apply", killed)
+    with pytest.raises(KeyboardInterrupt):
+        deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                           variants=["fuse"])
+    models = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("model.onnx"))
+    assert len(models) == 1  # only the finished fp32 export
+    assert not (tmp_path / "manifest.json").exists()
+    assert not [p for p in tmp_path.rglob(".tmp-*") if p.name != ".tmp-"]
+    # the next run cleans up and finishes
+    monkeypatch.undo()
+    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                             variants=["fuse"])
+    assert res.by_name("fuse").ok
+
+
+def test_failing_stage_marks_variant_failed_and_run_goes_on(tmp_path, monkeypatch):
+    from deployopt.stages import fuse
+
+    def broken(self, src, out_dir, ctx):
+        raise ValueError("simulated library failure")
+
+    monkeypatch.setattr(fuse.FuseStage, "apply", broken)
+    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                             variants=["fuse", "int8-dynamic"])
+    f = res.by_name("fuse")
+    assert f.status == "failed" and "simulated library failure" in f.reason
+    assert res.by_name("int8-dynamic").ok  # built from fp32 instead
+
+
+def test_npz_eval_data_and_bad_npz(tmp_path):
+    x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    res = deployopt.optimize("tests.models:mlp", tmp_path / "o", input_shapes={"x": (1, 16)},
+                             variants=["fuse"], evaluation=tmp_path / "eval.npz")
+    assert res.by_name("fuse").parity["samples"] == 21  # 20 + the single-sample batch
+    np.savez(tmp_path / "bad.npz", y=x)
+    from deployopt.errors import DataError
+
+    with pytest.raises(DataError, match="no array for input"):
+        deployopt.optimize("tests.models:mlp", tmp_path / "o2", input_shapes={"x": (1, 16)},
+                           evaluation=tmp_path / "bad.npz")
+    assert not os.path.exists(tmp_path / "o2" / "manifest.json")

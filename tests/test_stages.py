@@ -1,0 +1,136 @@
+"""Transformer stages on a 2-layer BERT built here, fp16 fallback, static INT8 search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import deployopt
+from deployopt.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def bert_run(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bert-out")
+    return deployopt.optimize(str(tiny_bert_dir), out)
+
+
+def test_tiny_bert_export_matches_pytorch_on_untraced_shapes(bert_run, tiny_bert_dir):
+    import onnxruntime as ort
+    from transformers import AutoModel, AutoTokenizer
+
+    fp32 = bert_run.by_name("fp32")
+    assert fp32.ok
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    model = AutoModel.from_pretrained(str(tiny_bert_dir)).eval()
+    enc = tok(["how do i test a model", "rain", "the stock market is fast today and the price"],
+              padding=True, return_tensors="np")  # batch 3, length unlike the traced 2 x 16
+    sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state
+    np.testing.assert_allclose(got[0], ref.numpy(), atol=1e-4)
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["last_hidden_state"]
+    graph_input = onnx.load(str(fp32.path)).graph.input[0]
+    dims = [d.dim_param for d in graph_input.type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_tiny_bert_fusion_counts(bert_run):
+    fuse = bert_run.by_name("fuse")
+    assert fuse.ok, fuse.reason
+    fused = fuse.metrics["fused"]
+    assert fused.get("Attention", 0) + fused.get("MultiHeadAttention", 0) == 2  # one per layer
+    assert fused.get("SkipLayerNormalization", 0) >= 3
+    assert not fuse.warnings
+    ops = {n.op_type for n in onnx.load(str(fuse.path)).graph.node}
+    assert "Softmax" not in ops
+
+
+def test_tiny_bert_all_variants_within_tolerance(bert_run):
+    for v in bert_run.variants:
+        assert v.ok, (v.name, v.reason)
+    assert bert_run.by_name("int8-dynamic").parity["mean_cosine"] >= 0.99
+    assert bert_run.meta["data"]["eval"].startswith("bundled eval sentences (240")
+
+
+def test_text_classifier_records_argmax_agreement(tiny_bert_classifier_dir, tmp_path):
+    res = deployopt.optimize(str(tiny_bert_classifier_dir), tmp_path,
+                             variants=["int8-dynamic"])
+    v = res.by_name("int8-dynamic")
+    assert res.meta["task"] == "text-classification"
+    assert v.parity["argmax_agreement"] is not None
+    assert v.parity["argmax_agreement"] >= 0.95
+
+
+class Overflow(nn.Module):
+    """An intermediate beyond fp16's range (|x| > 65504) that the output scales back down."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(8, 8)
+        self.down = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.up.weight.mul_(1e5)
+
+    def forward(self, x):
+        return self.down(self.up(x) * 1e-5)
+
+
+def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
+    res = deployopt.optimize(Overflow(), tmp_path, input_shapes={"x": (1, 8)}, variants=["fp16"])
+    v = res.by_name("fp16")
+    assert v.ok, v.reason
+    assert v.metrics["fp32_fallback_nodes"], "the overflowing node was not detected"
+    assert v.parity["nonfinite"] == 0
+    m = onnx.load(str(v.path))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+
+
+def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch):
+    from deployopt.parity import Tolerance
+    from deployopt.stages import quantize
+
+    monkeypatch.setattr(quantize.StaticQuantStage, "tolerance",
+                        Tolerance(min_mean_cosine=1.01))  # unreachable on purpose
+    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
+                             variants=["int8-static"])
+    v = res.by_name("int8-static")
+    assert v.status == "failed"
+    assert "no static configuration met mean cosine >= 1.01" in v.reason
+    tried = v.metrics["search"]
+    assert len(tried) == len(quantize.DEFAULT_SEARCH)
+    assert all("mean_cosine" in t or "error" in t for t in tried)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = [e for e in manifest["variants"] if e["name"] == "int8-static"][0]
+    assert entry["status"] == "failed" and entry["path"] is None
+
+
+def test_calibration_from_text_file_and_bad_jsonl(tiny_bert_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"the model is fast day {i}" for i in range(24)))
+    res = deployopt.optimize(str(tiny_bert_dir), tmp_path / "o", variants=["int8-static"],
+                             calibration=calib)
+    assert res.by_name("int8-static").ok
+    assert "calib.txt (24 texts)" in res.meta["data"]["calibration"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: not a JSON object"):
+        deployopt.optimize(str(tiny_bert_dir), tmp_path / "o2", calibration=bad)
+
+
+def test_uniform_batches_pads_and_drops_ragged_tail():
+    from deployopt.stages.quantize import uniform_batches
+
+    b = [{"ids": np.ones((2, 3), np.int64)}, {"ids": np.ones((2, 5), np.int64)},
+         {"ids": np.ones((1, 4), np.int64)}]
+    out = uniform_batches(b)
+    assert [x["ids"].shape for x in out] == [(2, 5), (2, 5)]
+    assert out[0]["ids"][:, 3:].sum() == 0 and out[0]["ids"][:, :3].sum() == 6
