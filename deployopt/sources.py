@@ -183,6 +183,14 @@ def check_torch_pickle(path: Path) -> dict:
     """Load a pickled state dict with ``weights_only=True``; refuse one that would run code."""
     import torch
 
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # torch.save writes a zip archive; older files are raw pickles (protocol 2+ starts 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        what = next((w for p, w in _NOT_ONNX_PREFIXES.items()
+                     if head.lstrip().lower().startswith(p.lower())), "not a PyTorch weights file")
+        raise InputModelError(f"{path}: {what.replace('an ONNX file', 'a weights file')}",
+                              hint="fetch the real weights file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -257,9 +265,12 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
             trust_remote_code=trust_remote_code,
             local_files_only=True,
         ).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).splitlines()[0][:300]
-        raise InputModelError(f"{folder}: transformers could not load the model: {msg}") from None
+    except Exception as e:  # transformers and safetensors raise many types for bad folders
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InputModelError(
+            f"{folder}: transformers could not load the model: {type(e).__name__}: {msg}",
+            hint="check the weights are real files (not Git LFS pointers) and match config.json",
+        ) from None
 
     meta = ModelMeta(
         task=task,
@@ -365,7 +376,13 @@ def factory_source(spec: str, input_shapes, weights: Path | None) -> TorchSource
             f"{spec}: cannot import the factory ({e})",
             hint="write pkg.module:function, importable from the current environment",
         ) from None
-    module = factory()
+    if not callable(factory):
+        raise InputModelError(f"{spec}: {func_name} is a {type(factory).__name__}, not a function",
+                              hint="name a function that returns a torch.nn.Module")
+    try:
+        module = factory()
+    except Exception as e:  # the user's own code: report it, don't crash
+        raise InputModelError(f"{spec}: the factory raised {type(e).__name__}: {e}") from None
     return _module_source(module, spec, input_shapes, weights)
 
 
@@ -497,7 +514,7 @@ def check_external_data(model, folder: Path, model_path: Path) -> list[Path]:
                                    hint="replace the link by a copy of the file")
         if not target.resolve().is_relative_to(root):
             raise UnsafeInputError(f"{model_path}: external data {loc!r} resolves outside {folder}")
-        end = (info.offset or 0) + (info.length or 0)
+        end = (info.offset or 0) + (info.length or _tensor_nbytes(tensor))
         if end > st.st_size:
             raise InputModelError(
                 f"{model_path}: external data {loc!r} is truncated "
@@ -506,6 +523,19 @@ def check_external_data(model, folder: Path, model_path: Path) -> list[Path]:
         found[target] = st.st_size
     _ = onnx  # imported for its side effect of registering protobufs
     return sorted(found)
+
+
+def _tensor_nbytes(tensor) -> int:
+    """Bytes a tensor's raw data needs, from its dims and element type."""
+    import numpy as np
+    import onnx
+
+    n = int(np.prod(tensor.dims)) if tensor.dims else 1
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return n * item
 
 
 def read_onnx(path: Path):

@@ -171,6 +171,16 @@ def test_random_bytes(tmp_path):
     assert "not a valid ONNX file" in str(ei.value) or "holds no graph" in str(ei.value)
 
 
+def test_zip_archive_saved_as_onnx(tmp_path):
+    import torch
+
+    path = tmp_path / "model.onnx"
+    torch.save({"w": torch.zeros(2)}, path)  # a torch zip checkpoint under an .onnx name
+    with pytest.raises(InputModelError) as ei:
+        load_source(str(path))
+    raises_exactly(InputModelError, ei, str(path), "zip archive", code=EXIT_INPUT_REJECTED)
+
+
 def test_path_that_does_not_exist(tmp_path):
     path = tmp_path / "nowhere" / "model.onnx"
     with pytest.raises(InputModelError) as ei:
@@ -237,6 +247,19 @@ def test_external_data_symlink(tmp_path):
                    code=EXIT_UNSAFE_INPUT)
 
 
+def test_external_data_through_symlinked_folder(tmp_path):
+    folder = tmp_path / "m"
+    path = _save_external(folder)
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / "weights.bin", tmp_path / "outside" / "weights.bin")
+    (folder / "sub").symlink_to(tmp_path / "outside")  # the file itself is regular, its folder a link
+    _set_location(path, "sub/weights.bin")
+    with pytest.raises(UnsafeInputError) as ei:
+        load_source(str(path))
+    raises_exactly(UnsafeInputError, ei, str(path), "sub/weights.bin", "outside",
+                   code=EXIT_UNSAFE_INPUT)
+
+
 def test_external_data_hardlink(tmp_path):
     folder = tmp_path / "m"
     path = _save_external(folder)
@@ -263,6 +286,30 @@ def test_external_data_truncated(tmp_path):
     data = folder / "weights.bin"
     full = data.read_bytes()
     data.write_bytes(full[: len(full) - 8])  # the last tensor's offset+length is past the end
+    with pytest.raises(InputModelError) as ei:
+        load_source(str(path))
+    raises_exactly(InputModelError, ei, str(path), "weights.bin", "truncated",
+                   code=EXIT_INPUT_REJECTED)
+
+
+def test_external_data_truncated_without_length_field(tmp_path):
+    import onnx
+
+    folder = tmp_path / "m"
+    path = _save_external(folder)
+    model = onnx.load(str(path), load_external_data=False)
+    for t in _external_entries(model):  # 'length' is optional in the ONNX spec
+        keep = [(e.key, e.value) for e in t.external_data if e.key != "length"]
+        del t.external_data[:]
+        for k, v in keep:
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    again = onnx.load(str(path), load_external_data=False)
+    assert all(e.key != "length" for t in _external_entries(again) for e in t.external_data)
+    data = folder / "weights.bin"
+    full = data.read_bytes()
+    data.write_bytes(full[: len(full) - 8])  # bias B (16 bytes at offset 256) loses half
     with pytest.raises(InputModelError) as ei:
         load_source(str(path))
     raises_exactly(InputModelError, ei, str(path), "weights.bin", "truncated",
@@ -363,6 +410,38 @@ def test_weights_that_do_not_fit(tmp_path):
     raises_exactly(InputModelError, ei, str(path), "do not fit", code=EXIT_INPUT_REJECTED)
 
 
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 90387606\n"
+)
+
+
+def test_lfs_pointer_weights_are_unreadable_not_unsafe(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_text(LFS_POINTER)
+    with pytest.raises(InputModelError) as ei:
+        load_source("tests.models:mlp", input_shapes=MLP_SHAPES, weights=path)
+    raises_exactly(InputModelError, ei, str(path), code=EXIT_INPUT_REJECTED)
+
+
+def test_unreadable_safetensors_weights(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_text(LFS_POINTER)
+    with pytest.raises(InputModelError) as ei:
+        load_source("tests.models:mlp", input_shapes=MLP_SHAPES, weights=path)
+    raises_exactly(InputModelError, ei, str(path), "not a readable safetensors file",
+                   code=EXIT_INPUT_REJECTED)
+
+
+def test_missing_weights_file(tmp_path):
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(InputModelError) as ei:
+        load_source("tests.models:mlp", input_shapes=MLP_SHAPES, weights=path)
+    raises_exactly(InputModelError, ei, str(path), "no such weights file",
+                   code=EXIT_INPUT_REJECTED)
+
+
 # ---------------------------------------------------------------- Hugging Face folders
 
 
@@ -403,6 +482,13 @@ def test_hf_no_weights(bert_copy):
     raises_exactly(InputModelError, ei, str(bert_copy), "no weights", code=EXIT_INPUT_REJECTED)
 
 
+def test_hf_lfs_pointer_safetensors(bert_copy):
+    (bert_copy / "model.safetensors").write_text(LFS_POINTER)
+    with pytest.raises(InputModelError) as ei:
+        load_source(str(bert_copy))
+    raises_exactly(InputModelError, ei, str(bert_copy), code=EXIT_INPUT_REJECTED)
+
+
 def test_hf_config_not_json(bert_copy):
     (bert_copy / "config.json").write_text("{'model_type': 'bert',  <- not JSON\n")
     with pytest.raises(InputModelError) as ei:
@@ -426,6 +512,12 @@ def test_factory_attribute_missing():
         load_source("tests.models:no_such_factory", input_shapes=MLP_SHAPES)
     raises_exactly(InputModelError, ei, "tests.models:no_such_factory", "cannot import",
                    code=EXIT_INPUT_REJECTED)
+
+
+def test_factory_not_callable():
+    with pytest.raises(InputModelError) as ei:
+        load_source("tests.models:WORDS", input_shapes=MLP_SHAPES)
+    raises_exactly(InputModelError, ei, "tests.models:WORDS", code=EXIT_INPUT_REJECTED)
 
 
 def test_factory_returning_non_module():

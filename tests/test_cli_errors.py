@@ -1,0 +1,131 @@
+"""CLI error paths: `python -m deployopt ...` exits with the documented code, prints a one-line
+``error:`` (never a traceback), and leaves no half-written model behind.
+
+Every case fails before export, so each run costs only the interpreter start and imports.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 90387606\n"
+)
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="500",
+               NO_COLOR="1", TERM="dumb")
+    return subprocess.run(
+        [sys.executable, "-m", "deployopt", *argv],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+
+
+def flat(text: str) -> str:
+    """Rich wraps long lines: compare with runs of whitespace collapsed."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    """Bad inputs the rows refer to as {name}; {out} is a fresh output folder."""
+    import builtins
+
+    import torch
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    lfs = tmp_path / "lfs" / "model.onnx"
+    lfs.parent.mkdir()
+    lfs.write_text(LFS_POINTER)
+
+    class Evil:
+        def __reduce__(self):
+            return (builtins.open, (str(tmp_path / "MARKER"), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"0.weight": Evil()}, evil)
+    return {"tmp": tmp_path, "out": tmp_path / "out", "empty": empty, "lfs": lfs, "evil": evil,
+            "missing": tmp_path / "nowhere" / "model.onnx"}
+
+
+MLP = ("tests.models:mlp", "--input-shape", "input=1x16")
+
+ROWS = [
+    pytest.param(("optimize", *MLP, "--variants", "nope", "-o", "{out}"), 2,
+                 "unknown variant(s) nope", id="unknown-variant"),
+    pytest.param(("optimize", *MLP, "--variants", "fuse,nope", "-o", "{out}"), 2,
+                 "unknown variant(s) nope", id="unknown-variant-in-list"),
+    pytest.param(("optimize", "{missing}", "-o", "{out}"), 5,
+                 "{missing}: no such file or folder", id="missing-source"),
+    pytest.param(("optimize", "{empty}", "-o", "{out}"), 5,
+                 "{empty}: the file is empty", id="empty-onnx"),
+    pytest.param(("optimize", "{lfs}", "-o", "{out}"), 5,
+                 "{lfs}: a Git LFS pointer", id="lfs-pointer-onnx"),
+    pytest.param(("optimize", "tests.models:mlp", "--input-shape", "x=abc", "-o", "{out}"), 2,
+                 "bad --input-shape 'x=abc'", id="bad-input-shape"),
+    pytest.param(("optimize", "tests.models:mlp", "-o", "{out}"), 2,
+                 "tests.models:mlp: a PyTorch module needs its input shapes",
+                 id="factory-without-shapes"),
+    pytest.param(("optimize", "tests.nosuch:thing", "--input-shape", "x=1x4", "-o", "{out}"), 5,
+                 "tests.nosuch:thing: cannot import the factory", id="factory-not-importable"),
+    pytest.param(("optimize", *MLP, "--weights", "{evil}", "-o", "{out}"), 7,
+                 "{evil}: refused: this pickle would run code", id="malicious-weights"),
+    pytest.param(("optimize", *MLP, "--opset", "5", "-o", "{out}"), 2,
+                 "opset", id="opset-too-low"),
+    pytest.param(("optimize", *MLP, "--bogus", "-o", "{out}"), 2,
+                 "No such option: --bogus", id="unknown-option"),
+    pytest.param(("optimize", *MLP), 2,
+                 "Missing option '--out'", id="missing-out"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "fragment"), ROWS)
+def test_cli_error(files, argv, code, fragment):
+    argv = tuple(a.format(**files) for a in argv)
+    fragment = fragment.format(**files)
+    r = run_cli(*argv)
+    err = flat(r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert r.returncode == code, f"exit {r.returncode}, stderr: {r.stderr}"
+    assert "error:" in err.lower(), r.stderr
+    assert flat(fragment) in err, r.stderr
+    assert "internal error" not in err
+    out = files["out"]
+    if out.exists():
+        assert not list(out.rglob("model.onnx")), "a failed run left a model behind"
+    assert not (files["tmp"] / "MARKER").exists(), "a pickle payload ran"
+
+
+def test_failed_run_into_existing_outdir_writes_no_model(files):
+    out = files["out"]
+    out.mkdir()
+    (out / "keep.txt").write_text("user file\n")
+    r = run_cli("optimize", str(files["empty"]), "-o", str(out))
+    assert r.returncode == 5, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(out.rglob("model.onnx"))
+    assert not list(out.rglob("*.onnx"))
+    assert (out / "keep.txt").read_text() == "user file\n"
+
+
+def test_no_args_prints_usage():
+    r = run_cli()
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode in (0, 2), f"exit {r.returncode}"
+    assert "Usage" in r.stdout + r.stderr
+    assert "optimize" in r.stdout + r.stderr
+
+
+def test_help_exits_zero():
+    r = run_cli("optimize", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "--input-shape" in r.stdout
