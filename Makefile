@@ -22,6 +22,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/deployopt optimize minilm -o $(DEMO_OUT)
 
 test: $(STAMP)
+	$(BIN)/ruff check deployopt tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -48,7 +48,12 @@ def optimize(
         **options,
     )
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
-    src = load_source(source, input_shapes=shapes, weights=Path(weights) if weights else None,
-                      trust_remote_code=cfg.trust_remote_code, pooling=cfg.pooling)
+    src = load_source(
+        source,
+        input_shapes=shapes,
+        weights=Path(weights) if weights else None,
+        trust_remote_code=cfg.trust_remote_code,
+        pooling=cfg.pooling,
+    )
     runner = Runner(src, Path(out), cfg, log=log or (lambda s: None), force=force)
     return runner.run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,7 +31,9 @@ _state = {"verbose": False}
 
 @app.callback()
 def _root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show tracebacks and debug logs.")
+    ] = False,
 ) -> None:
     _state["verbose"] = verbose
 
@@ -44,20 +46,85 @@ def _root(
     "  deployopt optimize mypkg.models:make_cnn --input-shape x=1x3x32x32 -o out"
 )
 def optimize(
-    source: Annotated[str, typer.Argument(help="HF model folder, .onnx file, pkg.module:factory, or 'minilm' (bundled).")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="HF model folder, .onnx file, pkg.module:factory, or 'minilm' (bundled)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    variants: Annotated[str, typer.Option(help="Comma-separated: fuse,int8-dynamic,int8-static,fp16.")] = "fuse,int8-dynamic,int8-static,fp16",
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: text file (one example a line), .jsonl/.csv with 'text', or .npz.")] = None,
-    evaluation: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation data for parity (same formats). Default: bundled sentences for text models, seeded synthetic inputs otherwise.")] = None,
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: fuse,int8-dynamic,int8-static,fp16.")
+    ] = "fuse,int8-dynamic,int8-static,fp16",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration data: text file (one example a line), .jsonl/.csv with 'text', or .npz."
+        ),
+    ] = None,
+    evaluation: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval",
+            help="Evaluation data for parity (same formats). Default: bundled sentences for text models, seeded synthetic inputs otherwise.",
+        ),
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = 18,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="NAME=DIMS for a PyTorch factory, e.g. x=1x3x32x32 (repeat per input).")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="State dict for a factory's module: .safetensors, or a tensors-only torch pickle.")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Feature extractors: mean, cls or none (default: read from a sentence-transformers folder, else none).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
-    calibration_samples: Annotated[int, typer.Option(help="Most samples used to calibrate static INT8.")] = 64,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-shape",
+            help="NAME=DIMS for a PyTorch factory, e.g. x=1x3x32x32 (repeat per input).",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="State dict for a factory's module: .safetensors, or a tensors-only torch pickle."
+        ),
+    ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            help="Feature extractors: mean, cls or none (default: read from a sentence-transformers folder, else none)."
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run."),
+    ] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")
+    ] = None,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Most samples used to calibrate static INT8.")
+    ] = 64,
     max_length: Annotated[int, typer.Option(help="Token limit for text data.")] = 128,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild variants even when a finished one with the same id exists.")] = False,
+    per_channel: Annotated[
+        bool,
+        typer.Option(
+            "--per-channel/--per-tensor",
+            help="INT8 weight scales per output channel (default) or per tensor.",
+        ),
+    ] = True,
+    calibration_methods: Annotated[
+        str,
+        typer.Option(
+            help="Static INT8 calibration methods the search may use: minmax,entropy,percentile."
+        ),
+    ] = "minmax,entropy,percentile",
+    fp16_block_ops: Annotated[
+        str,
+        typer.Option(
+            help="Op types to keep in fp32 in the fp16 variant, comma-separated (added to onnxruntime's default block list)."
+        ),
+    ] = "",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Rebuild variants even when a finished one with the same id exists."
+        ),
+    ] = False,
 ) -> None:
     """Export a model to ONNX and build validated variants (fuse, int8-dynamic, int8-static, fp16).
 
@@ -73,9 +140,15 @@ def optimize(
     from deployopt.api import optimize as run_optimize
 
     steps = ["load", "export", *names]
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("loading model", total=len(steps))
 
         def log(msg: str) -> None:
@@ -87,15 +160,30 @@ def optimize(
         progress.advance(task)
         progress.update(task, description="exporting")
         result = run_optimize(
-            source, out, variants=names, calibration=calibration, evaluation=evaluation,
-            opset=opset, input_shapes=shapes, weights=weights, pooling=pooling,
-            trust_remote_code=trust_remote_code, threads=threads, force=force, log=log,
-            calibration_samples=calibration_samples, max_length=max_length,
+            source,
+            out,
+            variants=names,
+            calibration=calibration,
+            evaluation=evaluation,
+            opset=opset,
+            input_shapes=shapes,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            threads=threads,
+            force=force,
+            log=log,
+            calibration_samples=calibration_samples,
+            max_length=max_length,
+            per_channel=per_channel,
+            calibration_methods=tuple(
+                m.strip() for m in calibration_methods.split(",") if m.strip()
+            ),
+            fp16_op_block_list=tuple(o.strip() for o in fp16_block_ops.split(",") if o.strip()),
         )
     _print_table(result)
     if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
-        raise errors.NoViableVariantError(
-            f"no variant passed its checks; see {result.manifest}")
+        raise errors.NoViableVariantError(f"no variant passed its checks; see {result.manifest}")
 
 
 def _print_table(result) -> None:
@@ -103,8 +191,9 @@ def _print_table(result) -> None:
 
     t = Table(title=f"deployopt: {result.out_dir}")
     for col in ("variant", "status", "size MB", "mean cos", "min cos", "max |diff|"):
-        t.add_column(col, justify="right" if col not in ("variant", "status") else "left",
-                     no_wrap=True)
+        t.add_column(
+            col, justify="right" if col not in ("variant", "status") else "left", no_wrap=True
+        )
     notes = []
     for v in result.variants:
         p = v.parity or {}
@@ -114,7 +203,9 @@ def _print_table(result) -> None:
             notes.append(f"{v.name}: {note}")
         t.add_row(
             v.name,
-            {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}[v.status],
+            {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}[
+                v.status
+            ],
             f"{size / 1e6:.1f}" if size else "-",
             f"{p['mean_cosine']:.5f}" if p else "-",
             f"{p['min_cosine']:.5f}" if p else "-",
@@ -138,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[bold]hint:[/] {e.hint}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[bold red]error:[/] interrupted; finished variants are kept, "
-                          "nothing half-written")
+        err_console.print(
+            "[bold red]error:[/] interrupted; finished variants are kept, nothing half-written"
+        )
         sys.exit(130)
     except SystemExit:
         raise
@@ -151,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         traceback.print_exc()
-        err_console.print("[bold red]internal error[/] (a bug in deployopt: please report it "
-                          "with the traceback above)")
+        err_console.print(
+            "[bold red]internal error[/] (a bug in deployopt: please report it "
+            "with the traceback above)"
+        )
         sys.exit(errors.EXIT_INTERNAL)
     sys.exit(0)

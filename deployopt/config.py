@@ -37,8 +37,20 @@ class OptimizeConfig(BaseModel):
     def _known_variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         bad = [x for x in v if x not in VARIANTS]
         if bad:
-            raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+            raise ValueError(
+                f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}"
+            )
         return tuple(dict.fromkeys(v))
+
+    @field_validator("calibration_methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if m not in ("minmax", "entropy", "percentile")]
+        if bad or not v:
+            raise ValueError(
+                f"calibration methods must be minmax, entropy or percentile, got {bad or 'none'}"
+            )
+        return v
 
     @field_validator("pooling")
     @classmethod

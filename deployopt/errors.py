@@ -55,7 +55,9 @@ class InputModelError(DeployoptError):
     """The input model cannot be loaded: missing, empty, truncated, not ONNX, wrong folder."""
 
     exit_code = EXIT_INPUT_REJECTED
-    default_hint = "check the path points at a Hugging Face model folder, an .onnx file or pkg.mod:factory"
+    default_hint = (
+        "check the path points at a Hugging Face model folder, an .onnx file or pkg.mod:factory"
+    )
 
 
 class UnsafeInputError(DeployoptError):

@@ -78,7 +78,8 @@ def parse_shape_overrides(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
             out[name.strip()] = tuple(int(d) for d in dims.replace(",", "x").split("x") if d)
         except ValueError:
             raise UsageError(
-                f"bad --input-shape {item!r}", hint="write NAME=DIMS, e.g. --input-shape x=1x3x32x32"
+                f"bad --input-shape {item!r}",
+                hint="write NAME=DIMS, e.g. --input-shape x=1x3x32x32",
             ) from None
     return out
 
@@ -196,8 +197,10 @@ def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list
     try:
         if path.suffix == ".npy":
             if len(specs) != 1:
-                raise DataError(f"{path}: an .npy feeds one input, the model has {len(specs)}",
-                                hint="use an .npz with one array per input name")
+                raise DataError(
+                    f"{path}: an .npy feeds one input, the model has {len(specs)}",
+                    hint="use an .npz with one array per input name",
+                )
             arrays = {specs[0].name: np.load(path, allow_pickle=False)}
         else:
             with np.load(path, allow_pickle=False) as z:
@@ -206,8 +209,10 @@ def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list
         raise DataError(f"{path}: not a readable .npz/.npy file ({e})") from None
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
-        raise DataError(f"{path}: no array for input(s) {', '.join(missing)}",
-                        hint=f"the model's inputs are {', '.join(s.name for s in specs)}")
+        raise DataError(
+            f"{path}: no array for input(s) {', '.join(missing)}",
+            hint=f"the model's inputs are {', '.join(s.name for s in specs)}",
+        )
     n = {len(arrays[s.name]) for s in specs}
     if len(n) != 1:
         raise DataError(f"{path}: arrays have different sample counts {sorted(n)}")

@@ -114,7 +114,9 @@ def compare(
     token of a sample together.
     """
     if len(reference) != len(candidate):
-        raise ValueError(f"{len(reference)} reference batches vs {len(candidate)} candidate batches")
+        raise ValueError(
+            f"{len(reference)} reference batches vs {len(candidate)} candidate batches"
+        )
     if not reference:
         raise ValueError("parity needs at least one batch")
     outputs = []

@@ -35,7 +35,7 @@ from deployopt.inputs import (
 from deployopt.parity import EXACT, Tolerance, compare
 from deployopt.sources import OnnxSource, Source, TorchSource, read_onnx
 from deployopt.stages.base import MODEL_FILE, Context, model_files, save_model, size_bytes
-from deployopt.variant import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, Variant, variant_id
+from deployopt.variant import STATUS_FAILED, STATUS_SKIPPED, Variant, variant_id
 from deployopt.workspace import atomic_dir, clean_stale_temps, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -63,8 +63,9 @@ def default_texts(kind: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
-def build_data(source: Source, specs: list[InputSpec], cfg: OptimizeConfig
-               ) -> tuple[list[Batch], list[Batch], dict[str, str]]:
+def build_data(
+    source: Source, specs: list[InputSpec], cfg: OptimizeConfig
+) -> tuple[list[Batch], list[Batch], dict[str, str]]:
     """Evaluation and calibration batches, and a description of where each came from."""
     text = source.tokenizer is not None and all(s.is_text for s in specs)
     bs = cfg.batch_size
@@ -94,8 +95,14 @@ def build_data(source: Source, specs: list[InputSpec], cfg: OptimizeConfig
 
 
 class Runner:
-    def __init__(self, source: Source, out_dir: Path, cfg: OptimizeConfig,
-                 log: Callable[[str], None] = print, force: bool = False):
+    def __init__(
+        self,
+        source: Source,
+        out_dir: Path,
+        cfg: OptimizeConfig,
+        log: Callable[[str], None] = print,
+        force: bool = False,
+    ):
         self.source = source
         self.out = Path(out_dir)
         self.cfg = cfg
@@ -119,11 +126,19 @@ class Runner:
         self.meta = {"data": desc, "source": self.source.label, "task": self.source.meta.task}
         if not base.ok:
             self._finish()
-            raise ParityError(f"{base.name}: {base.reason}", failures=list(
-                (base.parity or {}).get("failures", [])))
+            raise ParityError(
+                f"{base.name}: {base.reason}",
+                failures=list((base.parity or {}).get("failures", [])),
+            )
         specs = specs_from_onnx(base.path)
-        ctx = Context(meta=self.source.meta, specs=specs, calibration=calibration,
-                      evaluation=evaluation, threads=self.cfg.threads, log=self.log)
+        ctx = Context(
+            meta=self.source.meta,
+            specs=specs,
+            calibration=calibration,
+            evaluation=evaluation,
+            threads=self.cfg.threads,
+            log=self.log,
+        )
         from deployopt.runtime.session import create_session, run_batches
 
         reference = run_batches(create_session(base.path, threads=self.cfg.threads), evaluation)
@@ -131,7 +146,8 @@ class Runner:
             "fuse": lambda: FuseStage(),
             "int8-dynamic": lambda: DynamicQuantStage(per_channel=self.cfg.per_channel),
             "int8-static": lambda: StaticQuantStage(
-                methods=self.cfg.calibration_methods, max_samples=self.cfg.calibration_samples),
+                methods=self.cfg.calibration_methods, max_samples=self.cfg.calibration_samples
+            ),
             "fp16": lambda: Fp16Stage(op_block_list=self.cfg.fp16_op_block_list),
         }
         for name in self.cfg.variants:
@@ -171,45 +187,78 @@ class Runner:
                 read_onnx(src.path)  # checked again: the file may have changed since loading
                 save_model(onnx.load(str(src.path)), d)
 
-            v = self._cached(vid) or self._build(vid, "fp32", "input", None,
-                                                 {"source": str(src.path)}, copy)
+            v = self._cached(vid) or self._build(
+                vid, "fp32", "input", None, {"source": str(src.path)}, copy
+            )
         self._record(v)
         return v, evaluation, calibration, desc
 
     # ---------------------------------------------------------------- variants
 
     def _variant(self, stage, ctx: Context, reference) -> None:
-        parent = next((v for name in stage.parent for v in self.variants
-                       if v.name == name and v.ok), None)
+        parent = next(
+            (v for name in stage.parent for v in self.variants if v.name == name and v.ok), None
+        )
         params = stage.params()
         if parent is None:
-            self._record(Variant(id=variant_id(None, stage.name, stage.version, params),
-                                 name=stage.name, stage=stage.name, parent=None, params=params,
-                                 status=STATUS_SKIPPED,
-                                 reason=f"no usable parent ({' or '.join(stage.parent)})"))
+            self._record(
+                Variant(
+                    id=variant_id(None, stage.name, stage.version, params),
+                    name=stage.name,
+                    stage=stage.name,
+                    parent=None,
+                    params=params,
+                    status=STATUS_SKIPPED,
+                    reason=f"no usable parent ({' or '.join(stage.parent)})",
+                )
+            )
             return
         skip = stage.skip_reason(parent.path, ctx)
         if stage.name in ("int8-static", "fp16"):  # calibration-dependent: the data is a param
             params = {**params, "calibration": self.meta["data"].get("calibration")}
         vid = variant_id(parent.id, stage.name, stage.version, params)
         if skip:
-            self._record(Variant(id=vid, name=stage.name, stage=stage.name, parent=parent.id,
-                                 params=params, status=STATUS_SKIPPED, reason=skip))
+            self._record(
+                Variant(
+                    id=vid,
+                    name=stage.name,
+                    stage=stage.name,
+                    parent=parent.id,
+                    params=params,
+                    status=STATUS_SKIPPED,
+                    reason=skip,
+                )
+            )
             return
         v = self._cached(vid)
         if v is None:
             try:
-                v = self._build(vid, stage.name, stage.name, parent.id, params,
-                                lambda d: stage.apply(parent.path, d, ctx))
+                v = self._build(
+                    vid,
+                    stage.name,
+                    stage.name,
+                    parent.id,
+                    params,
+                    lambda d: stage.apply(parent.path, d, ctx),
+                )
             except StageError as e:
                 metrics = {"search": e.tried} if hasattr(e, "tried") else {}
-                v = Variant(id=vid, name=stage.name, stage=stage.name, parent=parent.id,
-                            params=params, status=STATUS_FAILED, reason=str(e), metrics=metrics)
+                v = Variant(
+                    id=vid,
+                    name=stage.name,
+                    stage=stage.name,
+                    parent=parent.id,
+                    params=params,
+                    status=STATUS_FAILED,
+                    reason=str(e),
+                    metrics=metrics,
+                )
                 self._write_failed(v)
                 self._record(v)
                 return
-        v = self._prove(v, reference, stage.tolerance, "fp32",
-                        classifier=self.source.meta.classifier_outputs)
+        v = self._prove(
+            v, reference, stage.tolerance, "fp32", classifier=self.source.meta.classifier_outputs
+        )
         self._record(v)
 
     def _build(self, vid, name, stage, parent, params, fn) -> Variant:
@@ -230,9 +279,17 @@ class Runner:
                 chosen = dict(getattr(result, "chosen", {}) or {})
                 if chosen:
                     metrics["chosen"] = chosen
-                v = Variant(id=vid, name=name, stage=stage, parent=parent, params=params,
-                            path=final / MODEL_FILE, sha256=sha256_file(model), metrics=metrics,
-                            warnings=tuple(getattr(result, "warnings", []) or []))
+                v = Variant(
+                    id=vid,
+                    name=name,
+                    stage=stage,
+                    parent=parent,
+                    params=params,
+                    path=final / MODEL_FILE,
+                    sha256=sha256_file(model),
+                    metrics=metrics,
+                    warnings=tuple(getattr(result, "warnings", []) or []),
+                )
                 write_json(tmp / "variant.json", v.to_json(relative_to=final))
         except DeployoptError:
             raise
@@ -324,9 +381,20 @@ def manifest_entry(v: Variant, out: Path) -> dict[str, Any]:
         "reason": v.reason,
         "path": str(v.path.relative_to(out)) if v.path is not None and v.ok else None,
         "size_bytes": v.metrics.get("size_bytes"),
-        "parity": {k: p.get(k) for k in ("mean_cosine", "min_cosine", "max_abs_diff",
-                                         "nonfinite", "argmax_agreement", "samples", "against")}
-        if p else None,
+        "parity": {
+            k: p.get(k)
+            for k in (
+                "mean_cosine",
+                "min_cosine",
+                "max_abs_diff",
+                "nonfinite",
+                "argmax_agreement",
+                "samples",
+                "against",
+            )
+        }
+        if p
+        else None,
         "warnings": list(v.warnings),
     }
 

@@ -112,7 +112,8 @@ def load_source(
             return onnx_source(p)
         raise InputModelError(
             f"{p}: unsupported model file type {p.suffix!r}",
-            hint="give an .onnx file, a Hugging Face folder, or pkg.module:factory with --input-shape",
+            hint="give an .onnx file, a Hugging Face folder, or pkg.module:factory "
+            "with --input-shape",
         )
     if ":" in s and not s.endswith(".onnx") and "/" not in s:
         return factory_source(s, input_shapes, weights)
@@ -187,10 +188,18 @@ def check_torch_pickle(path: Path) -> dict:
         head = f.read(64)
     # torch.save writes a zip archive; older files are raw pickles (protocol 2+ starts 0x80)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        what = next((w for p, w in _NOT_ONNX_PREFIXES.items()
-                     if head.lstrip().lower().startswith(p.lower())), "not a PyTorch weights file")
-        raise InputModelError(f"{path}: {what.replace('an ONNX file', 'a weights file')}",
-                              hint="fetch the real weights file")
+        what = next(
+            (
+                w
+                for p, w in _NOT_ONNX_PREFIXES.items()
+                if head.lstrip().lower().startswith(p.lower())
+            ),
+            "not a PyTorch weights file",
+        )
+        raise InputModelError(
+            f"{path}: {what.replace('an ONNX file', 'a weights file')}",
+            hint="fetch the real weights file",
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -287,7 +296,9 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         size = size if isinstance(size, int) else size[0]
         channels = getattr(config, "num_channels", 3)
         meta.classifier_outputs = ("logits",)
-        example = (torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)),)
+        example = (
+            torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)),
+        )
         return TorchSource(
             label=str(folder),
             module=wrappers.HFImageWrapper(model).eval(),
@@ -329,7 +340,9 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
 
 def load_tokenizer(folder: Path):
     """The folder's tokenizer, offline, or None when the folder has none."""
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    ):
         return None
     from transformers import AutoTokenizer
 
@@ -377,8 +390,10 @@ def factory_source(spec: str, input_shapes, weights: Path | None) -> TorchSource
             hint="write pkg.module:function, importable from the current environment",
         ) from None
     if not callable(factory):
-        raise InputModelError(f"{spec}: {func_name} is a {type(factory).__name__}, not a function",
-                              hint="name a function that returns a torch.nn.Module")
+        raise InputModelError(
+            f"{spec}: {func_name} is a {type(factory).__name__}, not a function",
+            hint="name a function that returns a torch.nn.Module",
+        )
     try:
         module = factory()
     except Exception as e:  # the user's own code: report it, don't crash
@@ -397,7 +412,9 @@ def _module_source(module, label: str, input_shapes, weights: Path | None) -> To
             hint="pass --input-shape NAME=DIMS for each input, e.g. --input-shape x=1x3x32x32",
         )
     if not isinstance(module, torch.nn.Module):
-        raise InputModelError(f"{label}: the factory returned {type(module).__name__}, not a Module")
+        raise InputModelError(
+            f"{label}: the factory returned {type(module).__name__}, not a Module"
+        )
     if weights is not None:
         state = load_weights(Path(weights))
         try:
@@ -505,13 +522,17 @@ def check_external_data(model, folder: Path, model_path: Path) -> list[Path]:
                 hint=f"copy {loc} next to the model",
             )
         if stat.S_ISLNK(st.st_mode):
-            raise UnsafeInputError(f"{model_path}: external data {loc!r} is a symbolic link",
-                                   hint="replace the link by the file itself")
+            raise UnsafeInputError(
+                f"{model_path}: external data {loc!r} is a symbolic link",
+                hint="replace the link by the file itself",
+            )
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeInputError(f"{model_path}: external data {loc!r} is not a regular file")
         if st.st_nlink > 1:
-            raise UnsafeInputError(f"{model_path}: external data {loc!r} is a hard link",
-                                   hint="replace the link by a copy of the file")
+            raise UnsafeInputError(
+                f"{model_path}: external data {loc!r} is a hard link",
+                hint="replace the link by a copy of the file",
+            )
         if not target.resolve().is_relative_to(root):
             raise UnsafeInputError(f"{model_path}: external data {loc!r} resolves outside {folder}")
         end = (info.offset or 0) + (info.length or _tensor_nbytes(tensor))
@@ -558,7 +579,9 @@ def read_onnx(path: Path):
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as e:
-        raise InputModelError(f"{path}: invalid ONNX model: {str(e).splitlines()[0][:300]}") from None
+        raise InputModelError(
+            f"{path}: invalid ONNX model: {str(e).splitlines()[0][:300]}"
+        ) from None
     return model
 
 
@@ -586,8 +609,10 @@ def onnx_source(path: Path) -> OnnxSource:
     outs = [o for o in model.graph.output]
     if meta.task in ("text-classification", "image-classification", "custom"):
         meta.classifier_outputs = tuple(
-            o.name for o in outs
+            o.name
+            for o in outs
             if len(o.type.tensor_type.shape.dim) == 2 and o.name in ("logits", "output")
         )
-    return OnnxSource(label=str(path), path=path, meta=meta, content_hash=h.hexdigest(),
-                      tokenizer=tokenizer)
+    return OnnxSource(
+        label=str(path), path=path, meta=meta, content_hash=h.hexdigest(), tokenizer=tokenizer
+    )

@@ -15,10 +15,13 @@ STATUS_FAILED = "failed"
 STATUS_SKIPPED = "skipped"
 
 
-def variant_id(parent: str | None, stage: str, stage_version: int, params: Mapping[str, Any]) -> str:
+def variant_id(
+    parent: str | None, stage: str, stage_version: int, params: Mapping[str, Any]
+) -> str:
     """Content address of a variant: same parent, stage, stage version and params -> same id.
 
-    >>> variant_id("abc", "fuse", 1, {"opt_level": 2}) == variant_id("abc", "fuse", 1, {"opt_level": 2})
+    >>> a = variant_id("abc", "fuse", 1, {"opt_level": 2})
+    >>> a == variant_id("abc", "fuse", 1, {"opt_level": 2})
     True
     """
     key = canonical_json({"parent": parent, "stage": stage, "v": stage_version, "params": params})

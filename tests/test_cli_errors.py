@@ -19,12 +19,24 @@ LFS_POINTER = (
     "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
     "size 90387606\n"
 )
+
+
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="500",
-               NO_COLOR="1", TERM="dumb")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="500",
+        NO_COLOR="1",
+        TERM="dumb",
+    )
     return subprocess.run(
         [sys.executable, "-m", "deployopt", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -52,38 +64,87 @@ def files(tmp_path) -> dict[str, Path]:
 
     evil = tmp_path / "evil.pt"
     torch.save({"0.weight": Evil()}, evil)
-    return {"tmp": tmp_path, "out": tmp_path / "out", "empty": empty, "lfs": lfs, "evil": evil,
-            "missing": tmp_path / "nowhere" / "model.onnx"}
+    return {
+        "tmp": tmp_path,
+        "out": tmp_path / "out",
+        "empty": empty,
+        "lfs": lfs,
+        "evil": evil,
+        "missing": tmp_path / "nowhere" / "model.onnx",
+    }
 
 
 MLP = ("tests.models:mlp", "--input-shape", "input=1x16")
 
 ROWS = [
-    pytest.param(("optimize", *MLP, "--variants", "nope", "-o", "{out}"), 2,
-                 "unknown variant(s) nope", id="unknown-variant"),
-    pytest.param(("optimize", *MLP, "--variants", "fuse,nope", "-o", "{out}"), 2,
-                 "unknown variant(s) nope", id="unknown-variant-in-list"),
-    pytest.param(("optimize", "{missing}", "-o", "{out}"), 5,
-                 "{missing}: no such file or folder", id="missing-source"),
-    pytest.param(("optimize", "{empty}", "-o", "{out}"), 5,
-                 "{empty}: the file is empty", id="empty-onnx"),
-    pytest.param(("optimize", "{lfs}", "-o", "{out}"), 5,
-                 "{lfs}: a Git LFS pointer", id="lfs-pointer-onnx"),
-    pytest.param(("optimize", "tests.models:mlp", "--input-shape", "x=abc", "-o", "{out}"), 2,
-                 "bad --input-shape 'x=abc'", id="bad-input-shape"),
-    pytest.param(("optimize", "tests.models:mlp", "-o", "{out}"), 2,
-                 "tests.models:mlp: a PyTorch module needs its input shapes",
-                 id="factory-without-shapes"),
-    pytest.param(("optimize", "tests.nosuch:thing", "--input-shape", "x=1x4", "-o", "{out}"), 5,
-                 "tests.nosuch:thing: cannot import the factory", id="factory-not-importable"),
-    pytest.param(("optimize", *MLP, "--weights", "{evil}", "-o", "{out}"), 7,
-                 "{evil}: refused: this pickle would run code", id="malicious-weights"),
-    pytest.param(("optimize", *MLP, "--opset", "5", "-o", "{out}"), 2,
-                 "opset", id="opset-too-low"),
-    pytest.param(("optimize", *MLP, "--bogus", "-o", "{out}"), 2,
-                 "No such option: --bogus", id="unknown-option"),
-    pytest.param(("optimize", *MLP), 2,
-                 "Missing option '--out'", id="missing-out"),
+    pytest.param(
+        ("optimize", *MLP, "--variants", "nope", "-o", "{out}"),
+        2,
+        "unknown variant(s) nope",
+        id="unknown-variant",
+    ),
+    pytest.param(
+        ("optimize", *MLP, "--variants", "fuse,nope", "-o", "{out}"),
+        2,
+        "unknown variant(s) nope",
+        id="unknown-variant-in-list",
+    ),
+    pytest.param(
+        ("optimize", "{missing}", "-o", "{out}"),
+        5,
+        "{missing}: no such file or folder",
+        id="missing-source",
+    ),
+    pytest.param(
+        ("optimize", "{empty}", "-o", "{out}"), 5, "{empty}: the file is empty", id="empty-onnx"
+    ),
+    pytest.param(
+        ("optimize", "{lfs}", "-o", "{out}"), 5, "{lfs}: a Git LFS pointer", id="lfs-pointer-onnx"
+    ),
+    pytest.param(
+        ("optimize", "tests.models:mlp", "--input-shape", "x=abc", "-o", "{out}"),
+        2,
+        "bad --input-shape 'x=abc'",
+        id="bad-input-shape",
+    ),
+    pytest.param(
+        ("optimize", "tests.models:mlp", "-o", "{out}"),
+        2,
+        "tests.models:mlp: a PyTorch module needs its input shapes",
+        id="factory-without-shapes",
+    ),
+    pytest.param(
+        ("optimize", "tests.nosuch:thing", "--input-shape", "x=1x4", "-o", "{out}"),
+        5,
+        "tests.nosuch:thing: cannot import the factory",
+        id="factory-not-importable",
+    ),
+    pytest.param(
+        ("optimize", *MLP, "--weights", "{evil}", "-o", "{out}"),
+        7,
+        "{evil}: refused: this pickle would run code",
+        id="malicious-weights",
+    ),
+    pytest.param(("optimize", *MLP, "--opset", "5", "-o", "{out}"), 2, "opset", id="opset-too-low"),
+    pytest.param(
+        ("optimize", *MLP, "--calibration-methods", "kl", "-o", "{out}"),
+        2,
+        "calibration methods must be minmax, entropy or percentile",
+        id="bad-method",
+    ),
+    pytest.param(
+        ("optimize", *MLP, "--eval", "{missing}", "-o", "{out}"),
+        2,
+        "{missing}: no such data file",
+        id="missing-eval-data",
+    ),
+    pytest.param(
+        ("optimize", *MLP, "--bogus", "-o", "{out}"),
+        2,
+        "No such option: --bogus",
+        id="unknown-option",
+    ),
+    pytest.param(("optimize", *MLP), 2, "Missing option '--out'", id="missing-out"),
 ]
 
 

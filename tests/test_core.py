@@ -20,9 +20,17 @@ def test_variant_id_is_content_addressed():
 
 
 def test_variant_json_round_trip(tmp_path):
-    v = Variant(id="abc", name="fuse", stage="fuse", parent="p", params={"a": 1},
-                path=tmp_path / "model.onnx", sha256="00", metrics={"size_bytes": 3},
-                warnings=("w",))
+    v = Variant(
+        id="abc",
+        name="fuse",
+        stage="fuse",
+        parent="p",
+        params={"a": 1},
+        path=tmp_path / "model.onnx",
+        sha256="00",
+        metrics={"size_bytes": 3},
+        warnings=("w",),
+    )
     back = Variant.from_json(v.to_json(relative_to=tmp_path), base=tmp_path)
     assert back == v
 
@@ -80,7 +88,9 @@ def test_importing_package_loads_no_heavy_runtime():
     import subprocess
     import sys
 
-    code = ("import sys, deployopt, deployopt.cli; "
-            "print(any(m in sys.modules for m in ('torch', 'onnxruntime')))")
+    code = (
+        "import sys, deployopt, deployopt.cli; "
+        "print(any(m in sys.modules for m in ('torch', 'onnxruntime')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -36,8 +36,9 @@ def test_export_matches_sentence_transformers_embeddings(minilm_run):
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         ref = ((h * m).sum(1) / m.sum(1)).numpy()
-    sess = ort.InferenceSession(str(minilm_run.by_name("fp32").path),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(minilm_run.by_name("fp32").path), providers=["CPUExecutionProvider"]
+    )
     (got,) = sess.run(None, {k: v.numpy() for k, v in enc.items()})
     np.testing.assert_allclose(got, ref, atol=1e-5)
 

@@ -41,8 +41,9 @@ def test_mlp_factory_all_variants(tmp_path):
 
 
 def test_manifest_and_variant_files(tmp_path):
-    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                             variants=["int8-dynamic"])
+    res = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-dynamic"]
+    )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     entry = {e["name"]: e for e in manifest["variants"]}["int8-dynamic"]
     assert entry["status"] == "ok" and entry["reason"] == ""
@@ -60,19 +61,29 @@ def test_manifest_and_variant_files(tmp_path):
 
 def test_rerun_reuses_variants_by_id(tmp_path):
     logs: list[str] = []
-    a = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                           variants=["fuse"])
+    a = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
+    )
     mtime = a.by_name("fuse").path.stat().st_mtime_ns
-    b = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                           variants=["fuse"], log=logs.append)
+    b = deployopt.optimize(
+        "tests.models:mlp",
+        tmp_path,
+        input_shapes={"x": (1, 16)},
+        variants=["fuse"],
+        log=logs.append,
+    )
     assert [v.id for v in a.variants] == [v.id for v in b.variants]
     assert b.by_name("fuse").path.stat().st_mtime_ns == mtime
     assert any("reusing" in m for m in logs)
 
 
 def test_cnn_conv_bn_relu(tmp_path):
-    res = deployopt.optimize("tests.models:cnn", tmp_path, input_shapes={"x": (1, 3, 16, 16)},
-                             variants=["fuse", "int8-static"])
+    res = deployopt.optimize(
+        "tests.models:cnn",
+        tmp_path,
+        input_shapes={"x": (1, 3, 16, 16)},
+        variants=["fuse", "int8-static"],
+    )
     fuse = res.by_name("fuse")
     assert fuse.ok and fuse.metrics["nodes"] <= fuse.metrics["nodes_before"]
     x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
@@ -125,16 +136,18 @@ def test_interrupted_stage_leaves_nothing_that_looks_finished(tmp_path, monkeypa
 
     monkeypatch.setattr(fuse.FuseStage, "apply", killed)
     with pytest.raises(KeyboardInterrupt):
-        deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                           variants=["fuse"])
+        deployopt.optimize(
+            "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
+        )
     models = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("model.onnx"))
     assert len(models) == 1  # only the finished fp32 export
     assert not (tmp_path / "manifest.json").exists()
     assert not [p for p in tmp_path.rglob(".tmp-*") if p.name != ".tmp-"]
     # the next run cleans up and finishes
     monkeypatch.undo()
-    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                             variants=["fuse"])
+    res = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
+    )
     assert res.by_name("fuse").ok
 
 
@@ -145,8 +158,9 @@ def test_failing_stage_marks_variant_failed_and_run_goes_on(tmp_path, monkeypatc
         raise ValueError("simulated library failure")
 
     monkeypatch.setattr(fuse.FuseStage, "apply", broken)
-    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                             variants=["fuse", "int8-dynamic"])
+    res = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "int8-dynamic"]
+    )
     f = res.by_name("fuse")
     assert f.status == "failed" and "simulated library failure" in f.reason
     assert res.by_name("int8-dynamic").ok  # built from fp32 instead
@@ -155,13 +169,44 @@ def test_failing_stage_marks_variant_failed_and_run_goes_on(tmp_path, monkeypatc
 def test_npz_eval_data_and_bad_npz(tmp_path):
     x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
     np.savez(tmp_path / "eval.npz", x=x)
-    res = deployopt.optimize("tests.models:mlp", tmp_path / "o", input_shapes={"x": (1, 16)},
-                             variants=["fuse"], evaluation=tmp_path / "eval.npz")
+    res = deployopt.optimize(
+        "tests.models:mlp",
+        tmp_path / "o",
+        input_shapes={"x": (1, 16)},
+        variants=["fuse"],
+        evaluation=tmp_path / "eval.npz",
+    )
     assert res.by_name("fuse").parity["samples"] == 21  # 20 + the single-sample batch
     np.savez(tmp_path / "bad.npz", y=x)
     from deployopt.errors import DataError
 
     with pytest.raises(DataError, match="no array for input"):
-        deployopt.optimize("tests.models:mlp", tmp_path / "o2", input_shapes={"x": (1, 16)},
-                           evaluation=tmp_path / "bad.npz")
+        deployopt.optimize(
+            "tests.models:mlp",
+            tmp_path / "o2",
+            input_shapes={"x": (1, 16)},
+            evaluation=tmp_path / "bad.npz",
+        )
     assert not os.path.exists(tmp_path / "o2" / "manifest.json")
+
+
+def test_onnx_file_as_source(tmp_path):
+    first = deployopt.optimize(
+        "tests.models:mlp", tmp_path / "a", input_shapes={"x": (1, 16)}, variants=[]
+    )
+    onnx_path = first.by_name("fp32").path
+    res = deployopt.optimize(str(onnx_path), tmp_path / "b", variants=["fuse", "int8-dynamic"])
+    root = res.by_name("fp32")
+    assert root.stage == "input" and root.ok
+    assert res.by_name("int8-dynamic").ok and res.by_name("int8-dynamic").parent == root.id
+
+
+def test_per_tensor_option_reaches_the_quantizer(tmp_path):
+    res = deployopt.optimize(
+        "tests.models:mlp",
+        tmp_path,
+        input_shapes={"x": (1, 16)},
+        variants=["int8-dynamic"],
+        per_channel=False,
+    )
+    assert res.by_name("int8-dynamic").params["per_channel"] is False

@@ -52,8 +52,9 @@ def test_abs_tolerance_is_relative_to_output_scale():
 def test_argmax_agreement_for_classifiers():
     ref = np.array([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0], [0.0, 5.0]])
     cand = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, 0.0], [0.0, 5.0]])  # first flips
-    rep = compare(batches([ref], "logits"), batches([cand], "logits"), INT8,
-                  classifier_outputs=("logits",))
+    rep = compare(
+        batches([ref], "logits"), batches([cand], "logits"), INT8, classifier_outputs=("logits",)
+    )
     assert rep.outputs[0].argmax_agreement == pytest.approx(0.75)
     assert any("argmax agreement 0.7500 < 0.95" in f for f in rep.failures)
 

@@ -51,7 +51,10 @@ def _tiny_model(external: bool = False):
     w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.standard_normal((4,)).astype(np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "B"], ["Y"])],
+        [
+            helper.make_node("MatMul", ["X", "W"], ["XW"]),
+            helper.make_node("Add", ["XW", "B"], ["Y"]),
+        ],
         "tiny",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
@@ -69,8 +72,14 @@ def _save_external(folder: Path, location: str = "weights.bin") -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save_model(_tiny_model(), str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save_model(
+        _tiny_model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return path
 
 
@@ -94,7 +103,9 @@ def _set_location(model_path: Path, location: str) -> None:
     onnx.save_model(model, str(model_path), save_as_external_data=False)
     # the edit must survive the re-save, or the test would check nothing
     again = onnx.load(str(model_path), load_external_data=False)
-    locs = {e.value for t in _external_entries(again) for e in t.external_data if e.key == "location"}
+    locs = {
+        e.value for t in _external_entries(again) for e in t.external_data if e.key == "location"
+    }
     assert locs == {location}
 
 
@@ -150,10 +161,13 @@ def test_git_lfs_pointer(tmp_path):
     assert "git lfs pull" in str(ei.value)
 
 
-@pytest.mark.parametrize("page", [
-    "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>\n",
-    "\n  <html><body>Access denied</body></html>",
-])
+@pytest.mark.parametrize(
+    "page",
+    [
+        "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>\n",
+        "\n  <html><body>Access denied</body></html>",
+    ],
+)
 def test_html_page(tmp_path, page):
     path = tmp_path / "model.onnx"
     path.write_text(page)
@@ -185,8 +199,9 @@ def test_path_that_does_not_exist(tmp_path):
     path = tmp_path / "nowhere" / "model.onnx"
     with pytest.raises(InputModelError) as ei:
         load_source(str(path))
-    raises_exactly(InputModelError, ei, str(path), "no such file or folder",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, str(path), "no such file or folder", code=EXIT_INPUT_REJECTED
+    )
 
 
 def test_folder_without_config(tmp_path):
@@ -223,8 +238,9 @@ def test_external_data_dotdot(tmp_path):
     _set_location(path, "../weights.bin")
     with pytest.raises(UnsafeInputError) as ei:
         load_source(str(path))
-    raises_exactly(UnsafeInputError, ei, str(path), "../weights.bin", "outside",
-                   code=EXIT_UNSAFE_INPUT)
+    raises_exactly(
+        UnsafeInputError, ei, str(path), "../weights.bin", "outside", code=EXIT_UNSAFE_INPUT
+    )
 
 
 def test_external_data_absolute(tmp_path):
@@ -243,8 +259,9 @@ def test_external_data_symlink(tmp_path):
     _set_location(path, "link.bin")
     with pytest.raises(UnsafeInputError) as ei:
         load_source(str(path))
-    raises_exactly(UnsafeInputError, ei, str(path), "link.bin", "symbolic link",
-                   code=EXIT_UNSAFE_INPUT)
+    raises_exactly(
+        UnsafeInputError, ei, str(path), "link.bin", "symbolic link", code=EXIT_UNSAFE_INPUT
+    )
 
 
 def test_external_data_through_symlinked_folder(tmp_path):
@@ -252,12 +269,15 @@ def test_external_data_through_symlinked_folder(tmp_path):
     path = _save_external(folder)
     (tmp_path / "outside").mkdir()
     shutil.move(folder / "weights.bin", tmp_path / "outside" / "weights.bin")
-    (folder / "sub").symlink_to(tmp_path / "outside")  # the file itself is regular, its folder a link
+    (folder / "sub").symlink_to(
+        tmp_path / "outside"
+    )  # the file itself is regular, its folder a link
     _set_location(path, "sub/weights.bin")
     with pytest.raises(UnsafeInputError) as ei:
         load_source(str(path))
-    raises_exactly(UnsafeInputError, ei, str(path), "sub/weights.bin", "outside",
-                   code=EXIT_UNSAFE_INPUT)
+    raises_exactly(
+        UnsafeInputError, ei, str(path), "sub/weights.bin", "outside", code=EXIT_UNSAFE_INPUT
+    )
 
 
 def test_external_data_hardlink(tmp_path):
@@ -266,8 +286,9 @@ def test_external_data_hardlink(tmp_path):
     os.link(folder / "weights.bin", tmp_path / "elsewhere.bin")
     with pytest.raises(UnsafeInputError) as ei:
         load_source(str(path))
-    raises_exactly(UnsafeInputError, ei, str(path), "weights.bin", "hard link",
-                   code=EXIT_UNSAFE_INPUT)
+    raises_exactly(
+        UnsafeInputError, ei, str(path), "weights.bin", "hard link", code=EXIT_UNSAFE_INPUT
+    )
 
 
 def test_external_data_missing(tmp_path):
@@ -276,8 +297,9 @@ def test_external_data_missing(tmp_path):
     (folder / "weights.bin").unlink()
     with pytest.raises(InputModelError) as ei:
         load_source(str(path))
-    raises_exactly(InputModelError, ei, str(path), "weights.bin", "missing",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, str(path), "weights.bin", "missing", code=EXIT_INPUT_REJECTED
+    )
 
 
 def test_external_data_truncated(tmp_path):
@@ -288,8 +310,9 @@ def test_external_data_truncated(tmp_path):
     data.write_bytes(full[: len(full) - 8])  # the last tensor's offset+length is past the end
     with pytest.raises(InputModelError) as ei:
         load_source(str(path))
-    raises_exactly(InputModelError, ei, str(path), "weights.bin", "truncated",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, str(path), "weights.bin", "truncated", code=EXIT_INPUT_REJECTED
+    )
 
 
 def test_external_data_truncated_without_length_field(tmp_path):
@@ -312,8 +335,9 @@ def test_external_data_truncated_without_length_field(tmp_path):
     data.write_bytes(full[: len(full) - 8])  # bias B (16 bytes at offset 256) loses half
     with pytest.raises(InputModelError) as ei:
         load_source(str(path))
-    raises_exactly(InputModelError, ei, str(path), "weights.bin", "truncated",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, str(path), "weights.bin", "truncated", code=EXIT_INPUT_REJECTED
+    )
 
 
 # ---------------------------------------------------------------- pickles and weights
@@ -430,16 +454,16 @@ def test_unreadable_safetensors_weights(tmp_path):
     path.write_text(LFS_POINTER)
     with pytest.raises(InputModelError) as ei:
         load_source("tests.models:mlp", input_shapes=MLP_SHAPES, weights=path)
-    raises_exactly(InputModelError, ei, str(path), "not a readable safetensors file",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, str(path), "not a readable safetensors file", code=EXIT_INPUT_REJECTED
+    )
 
 
 def test_missing_weights_file(tmp_path):
     path = tmp_path / "absent.safetensors"
     with pytest.raises(InputModelError) as ei:
         load_source("tests.models:mlp", input_shapes=MLP_SHAPES, weights=path)
-    raises_exactly(InputModelError, ei, str(path), "no such weights file",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(InputModelError, ei, str(path), "no such weights file", code=EXIT_INPUT_REJECTED)
 
 
 # ---------------------------------------------------------------- Hugging Face folders
@@ -467,11 +491,18 @@ def test_hf_auto_map_refused(bert_copy):
 def test_hf_malicious_pytorch_bin_refused(bert_copy):
     (bert_copy / "model.safetensors").unlink()
     marker = bert_copy.parent / "MARKER"
-    _evil_pickle(bert_copy / "pytorch_model.bin", marker, keys=("embeddings.word_embeddings.weight",))
+    _evil_pickle(
+        bert_copy / "pytorch_model.bin", marker, keys=("embeddings.word_embeddings.weight",)
+    )
     with pytest.raises(UnsafeInputError) as ei:
         load_source(str(bert_copy))
-    raises_exactly(UnsafeInputError, ei, str(bert_copy / "pytorch_model.bin"), "would run code",
-                   code=EXIT_UNSAFE_INPUT)
+    raises_exactly(
+        UnsafeInputError,
+        ei,
+        str(bert_copy / "pytorch_model.bin"),
+        "would run code",
+        code=EXIT_UNSAFE_INPUT,
+    )
     assert not marker.exists()
 
 
@@ -493,8 +524,13 @@ def test_hf_config_not_json(bert_copy):
     (bert_copy / "config.json").write_text("{'model_type': 'bert',  <- not JSON\n")
     with pytest.raises(InputModelError) as ei:
         load_source(str(bert_copy))
-    raises_exactly(InputModelError, ei, str(bert_copy / "config.json"), "not a readable JSON",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError,
+        ei,
+        str(bert_copy / "config.json"),
+        "not a readable JSON",
+        code=EXIT_INPUT_REJECTED,
+    )
 
 
 # ---------------------------------------------------------------- factories and modules
@@ -503,15 +539,21 @@ def test_hf_config_not_json(bert_copy):
 def test_factory_cannot_be_imported():
     with pytest.raises(InputModelError) as ei:
         load_source("tests.nosuch:thing", input_shapes=MLP_SHAPES)
-    raises_exactly(InputModelError, ei, "tests.nosuch:thing", "cannot import",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError, ei, "tests.nosuch:thing", "cannot import", code=EXIT_INPUT_REJECTED
+    )
 
 
 def test_factory_attribute_missing():
     with pytest.raises(InputModelError) as ei:
         load_source("tests.models:no_such_factory", input_shapes=MLP_SHAPES)
-    raises_exactly(InputModelError, ei, "tests.models:no_such_factory", "cannot import",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError,
+        ei,
+        "tests.models:no_such_factory",
+        "cannot import",
+        code=EXIT_INPUT_REJECTED,
+    )
 
 
 def test_factory_not_callable():
@@ -523,8 +565,14 @@ def test_factory_not_callable():
 def test_factory_returning_non_module():
     with pytest.raises(InputModelError) as ei:
         load_source("tests.models:not_a_module", input_shapes=MLP_SHAPES)
-    raises_exactly(InputModelError, ei, "tests.models:not_a_module", "int", "not a Module",
-                   code=EXIT_INPUT_REJECTED)
+    raises_exactly(
+        InputModelError,
+        ei,
+        "tests.models:not_a_module",
+        "int",
+        "not a Module",
+        code=EXIT_INPUT_REJECTED,
+    )
 
 
 def test_factory_without_input_shapes():

@@ -28,8 +28,11 @@ def test_tiny_bert_export_matches_pytorch_on_untraced_shapes(bert_run, tiny_bert
     assert fp32.ok
     tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
     model = AutoModel.from_pretrained(str(tiny_bert_dir)).eval()
-    enc = tok(["how do i test a model", "rain", "the stock market is fast today and the price"],
-              padding=True, return_tensors="np")  # batch 3, length unlike the traced 2 x 16
+    enc = tok(
+        ["how do i test a model", "rain", "the stock market is fast today and the price"],
+        padding=True,
+        return_tensors="np",
+    )  # batch 3, length unlike the traced 2 x 16
     sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
     with torch.no_grad():
@@ -61,8 +64,7 @@ def test_tiny_bert_all_variants_within_tolerance(bert_run):
 
 
 def test_text_classifier_records_argmax_agreement(tiny_bert_classifier_dir, tmp_path):
-    res = deployopt.optimize(str(tiny_bert_classifier_dir), tmp_path,
-                             variants=["int8-dynamic"])
+    res = deployopt.optimize(str(tiny_bert_classifier_dir), tmp_path, variants=["int8-dynamic"])
     v = res.by_name("int8-dynamic")
     assert res.meta["task"] == "text-classification"
     assert v.parity["argmax_agreement"] is not None
@@ -98,10 +100,12 @@ def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch
     from deployopt.parity import Tolerance
     from deployopt.stages import quantize
 
-    monkeypatch.setattr(quantize.StaticQuantStage, "tolerance",
-                        Tolerance(min_mean_cosine=1.01))  # unreachable on purpose
-    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)},
-                             variants=["int8-static"])
+    monkeypatch.setattr(
+        quantize.StaticQuantStage, "tolerance", Tolerance(min_mean_cosine=1.01)
+    )  # unreachable on purpose
+    res = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-static"]
+    )
     v = res.by_name("int8-static")
     assert v.status == "failed"
     assert "no static configuration met mean cosine >= 1.01" in v.reason
@@ -116,8 +120,9 @@ def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch
 def test_calibration_from_text_file_and_bad_jsonl(tiny_bert_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(f"the model is fast day {i}" for i in range(24)))
-    res = deployopt.optimize(str(tiny_bert_dir), tmp_path / "o", variants=["int8-static"],
-                             calibration=calib)
+    res = deployopt.optimize(
+        str(tiny_bert_dir), tmp_path / "o", variants=["int8-static"], calibration=calib
+    )
     assert res.by_name("int8-static").ok
     assert "calib.txt (24 texts)" in res.meta["data"]["calibration"]
     bad = tmp_path / "bad.jsonl"
@@ -129,8 +134,36 @@ def test_calibration_from_text_file_and_bad_jsonl(tiny_bert_dir, tmp_path):
 def test_uniform_batches_pads_and_drops_ragged_tail():
     from deployopt.stages.quantize import uniform_batches
 
-    b = [{"ids": np.ones((2, 3), np.int64)}, {"ids": np.ones((2, 5), np.int64)},
-         {"ids": np.ones((1, 4), np.int64)}]
+    b = [
+        {"ids": np.ones((2, 3), np.int64)},
+        {"ids": np.ones((2, 5), np.int64)},
+        {"ids": np.ones((1, 4), np.int64)},
+    ]
     out = uniform_batches(b)
     assert [x["ids"].shape for x in out] == [(2, 5), (2, 5)]
     assert out[0]["ids"][:, 3:].sum() == 0 and out[0]["ids"][:, :3].sum() == 6
+
+
+def test_hf_image_classifier_folder(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=4,
+        architectures=["ViTForImageClassification"],
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(cfg).eval().save_pretrained(tmp_path / "vit")
+    res = deployopt.optimize(
+        str(tmp_path / "vit"), tmp_path / "out", variants=["fuse", "int8-dynamic"]
+    )
+    assert res.meta["task"] == "image-classification"
+    for v in res.variants:
+        assert v.ok, (v.name, v.reason)
+    assert res.by_name("int8-dynamic").parity["argmax_agreement"] >= 0.95

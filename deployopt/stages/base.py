@@ -57,8 +57,14 @@ def save_model(model, out_dir: Path) -> Path:
     path = out_dir / MODEL_FILE
     big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _can_size(model) else True
     if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
     return path

@@ -40,14 +40,20 @@ def export(source: TorchSource, out_dir: Path, opset: int = DEFAULT_OPSET) -> Pa
         {axis: dim(n, mx) for axis, (n, mx) in source.dynamic_dims.get(name, {}).items()}
         for name in source.input_names
     )
-    if any(p.kind is p.VAR_POSITIONAL
-           for p in inspect.signature(source.module.forward).parameters.values()):
+    if any(
+        p.kind is p.VAR_POSITIONAL
+        for p in inspect.signature(source.module.forward).parameters.values()
+    ):
         dynamic = (dynamic,)  # forward(*inputs): one parameter holding every input
     params_bytes = sum(p.numel() * p.element_size() for p in source.module.parameters())
     path = out_dir / MODEL_FILE
     log = io.StringIO()
     # The exporter prints progress and library warnings; keep them for the error message.
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+    with (
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)

@@ -55,8 +55,11 @@ class DynamicQuantStage:
         self.op_types = tuple(op_types)
 
     def params(self) -> dict[str, Any]:
-        return {"per_channel": self.per_channel, "op_types": list(self.op_types),
-                "weight_type": "int8"}
+        return {
+            "per_channel": self.per_channel,
+            "op_types": list(self.op_types),
+            "weight_type": "int8",
+        }
 
     def skip_reason(self, src: Path, ctx: Context) -> str | None:
         return None
@@ -82,9 +85,19 @@ def _count_quantized(path: Path) -> int:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    return sum(n.op_type in ("MatMulInteger", "ConvInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
-                             "MatMulIntegerToFloat", "QAttention", "QuantizeLinear")
-               for n in m.graph.node)
+    return sum(
+        n.op_type
+        in (
+            "MatMulInteger",
+            "ConvInteger",
+            "QLinearMatMul",
+            "DynamicQuantizeMatMul",
+            "MatMulIntegerToFloat",
+            "QAttention",
+            "QuantizeLinear",
+        )
+        for n in m.graph.node
+    )
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,12 @@ class StaticConfig:
     exclude_fraction: float = 0.0  # most sensitive quantized nodes left in fp32
 
     def params(self) -> dict[str, Any]:
-        return {"method": self.method, "per_channel": self.per_channel, "scope": self.scope,
-                "exclude_fraction": self.exclude_fraction}
+        return {
+            "method": self.method,
+            "per_channel": self.per_channel,
+            "scope": self.scope,
+            "exclude_fraction": self.exclude_fraction,
+        }
 
 
 DEFAULT_SEARCH = (
@@ -127,19 +144,28 @@ class StaticQuantStage:
     tolerance = INT8
     parent: ClassVar[tuple[str, ...]] = ("fp32",)
 
-    def __init__(self, methods: Sequence[str] = CALIBRATION_METHODS, max_samples: int = 64,
-                 search: Sequence[StaticConfig] = DEFAULT_SEARCH):
+    def __init__(
+        self,
+        methods: Sequence[str] = CALIBRATION_METHODS,
+        max_samples: int = 64,
+        search: Sequence[StaticConfig] = DEFAULT_SEARCH,
+    ):
         bad = [m for m in methods if m not in CALIBRATION_METHODS]
         if bad:
-            raise UsageError(f"unknown calibration method(s) {bad}",
-                             hint=f"choose from {', '.join(CALIBRATION_METHODS)}")
+            raise UsageError(
+                f"unknown calibration method(s) {bad}",
+                hint=f"choose from {', '.join(CALIBRATION_METHODS)}",
+            )
         self.methods = tuple(methods)
         self.max_samples = max_samples
         self.search = tuple(c for c in search if c.method in self.methods)
 
     def params(self) -> dict[str, Any]:
-        return {"methods": list(self.methods), "max_samples": self.max_samples,
-                "search": [c.params() for c in self.search]}
+        return {
+            "methods": list(self.methods),
+            "max_samples": self.max_samples,
+            "search": [c.params() for c in self.search],
+        }
 
     def skip_reason(self, src: Path, ctx: Context) -> str | None:
         if not ctx.calibration:
@@ -175,18 +201,32 @@ class StaticQuantStage:
                 continue
             rep = compare(ref, cand, self.tolerance)
             s = rep.summary()
-            tried.append({**cfg.params(), "method": method, "excluded_nodes": len(exclude),
-                          "mean_cosine": round(s["mean_cosine"], 6),
-                          "min_cosine": round(s["min_cosine"], 6), "passed": rep.passed})
+            tried.append(
+                {
+                    **cfg.params(),
+                    "method": method,
+                    "excluded_nodes": len(exclude),
+                    "mean_cosine": round(s["mean_cosine"], 6),
+                    "min_cosine": round(s["min_cosine"], 6),
+                    "passed": rep.passed,
+                }
+            )
             ctx.log(f"int8-static:   mean cosine {s['mean_cosine']:.5f}, min {s['min_cosine']:.5f}")
-            if cfg.scope == "linear" and cfg.exclude_fraction == 0 and s["mean_cosine"] > best_method_cos:
+            if (
+                cfg.scope == "linear"
+                and cfg.exclude_fraction == 0
+                and s["mean_cosine"] > best_method_cos
+            ):
                 best_method, best_method_cos = method, s["mean_cosine"]
             if rep.passed:
                 tmp.replace(out_dir / MODEL_FILE)
                 return StageOutput(
-                    metrics={"search": tried, "calibration_samples": count_samples(calib),
-                             "search_samples": count_samples(judge),
-                             "fp32_nodes": exclude},
+                    metrics={
+                        "search": tried,
+                        "calibration_samples": count_samples(calib),
+                        "search_samples": count_samples(judge),
+                        "fp32_nodes": exclude,
+                    },
                     chosen={**cfg.params(), "method": method},
                 )
         tmp.unlink(missing_ok=True)
@@ -253,20 +293,33 @@ class _Reader:
 
 def _weighted_linear_nodes(model) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type in LINEAR_OPS and any(i in inits for i in n.input[1:2])]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in LINEAR_OPS and any(i in inits for i in n.input[1:2])
+    ]
 
 
-def _quantize_static(src: Path, dst: Path, calib: list[Batch], method: str, per_channel: bool,
-                     scope: str, exclude: list[str]) -> None:
+def _quantize_static(
+    src: Path,
+    dst: Path,
+    calib: list[Batch],
+    method: str,
+    per_channel: bool,
+    scope: str,
+    exclude: list[str],
+) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
     nodes = _weighted_linear_nodes(model) if scope == "linear" else None
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     try:
         with _quiet():
             quantize_static(
