@@ -21,6 +21,9 @@ app = typer.Typer(
     help="Make a model smaller and faster for deployment with ONNX Runtime, and prove it is "
     "still right.",
     no_args_is_help=True,
+    epilog="Exit codes: 0 success, 2 usage/config error, 4 runtime unavailable, 5 input model "
+    "rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, "
+    "70 internal error.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -153,9 +156,12 @@ def optimize(
 
         def log(msg: str) -> None:
             progress.console.print(f"  {msg}", highlight=False)
-            if msg.split(":")[0] in steps:
+            name, _, rest = msg.partition(": ")
+            if name in steps and rest.split(" ")[0] in ("ok", "FAILED", "skipped"):
                 progress.advance(task)
-                progress.update(task, description=f"building {msg.split(':')[0]} ...")
+                later = steps[steps.index(name) + 1 :]
+                if later:
+                    progress.update(task, description=f"building {later[0]} ...")
 
         progress.advance(task)
         progress.update(task, description="exporting")

@@ -50,7 +50,11 @@ class DynamicQuantStage:
     tolerance = INT8
     parent: ClassVar[tuple[str, ...]] = ("fp32",)
 
-    def __init__(self, per_channel: bool = True, op_types: Sequence[str] = ("MatMul", "Gemm")):
+    # Gather quantizes embedding tables: all-MiniLM-L6-v2 goes 59 -> 23 MB for mean cosine
+    # 0.99317 -> 0.99293 (measured here on the bundled evaluation set).
+    def __init__(
+        self, per_channel: bool = True, op_types: Sequence[str] = ("MatMul", "Gemm", "Gather")
+    ):
         self.per_channel = per_channel
         self.op_types = tuple(op_types)
 
