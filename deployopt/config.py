@@ -31,6 +31,7 @@ class OptimizeConfig(BaseModel):
     per_channel: bool = True
     calibration_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
     fp16_op_block_list: tuple[str, ...] = ()
+    worker_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("variants")
     @classmethod

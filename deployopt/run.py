@@ -139,9 +139,7 @@ class Runner:
             threads=self.cfg.threads,
             log=self.log,
         )
-        from deployopt.runtime.session import create_session, run_batches
-
-        reference = run_batches(create_session(base.path, threads=self.cfg.threads), evaluation)
+        reference = self._outputs(base.path, base.name)
         stages = {
             "fuse": lambda: FuseStage(),
             "int8-dynamic": lambda: DynamicQuantStage(per_channel=self.cfg.per_channel),
@@ -319,15 +317,12 @@ class Runner:
 
     def _prove(self, v: Variant, reference, tol: Tolerance, against: str, classifier=()) -> Variant:
         """Parity of ``v`` against ``reference``; a variant outside tolerance becomes failed."""
-        from deployopt.runtime.session import create_session, run_batches
-
         try:
-            sess = create_session(v.path, threads=self.cfg.threads)
-            cand = run_batches(sess, self._evaluation)
+            cand = self._outputs(v.path, v.name)
         except DeployoptError as e:
-            return self._fail(v, f"cannot run: {e}")
-        except Exception as e:  # onnxruntime run errors
-            return self._fail(v, f"cannot run: {str(e).splitlines()[0][:300]}")
+            v = self._fail(v, f"cannot run: {e}")
+            self._write_meta(v)
+            return v
         rep = compare(reference, cand, tol, classifier_outputs=classifier)
         summary = {**rep.summary(), "against": against, "tolerance": tol.describe()}
         v = replace(v, parity=summary)
@@ -335,6 +330,20 @@ class Runner:
             v = self._fail(v, f"parity vs {against} failed: " + "; ".join(rep.failures))
         self._write_meta(v)
         return v
+
+    def _outputs(self, path: Path, label: str):
+        """The model's outputs on the evaluation set, computed in a worker process."""
+        from deployopt.runtime.session import model_outputs
+        from deployopt.runtime.worker import run_in_worker
+
+        return run_in_worker(
+            model_outputs,
+            path,
+            self._evaluation,
+            self.cfg.threads,
+            timeout_s=self.cfg.worker_timeout_s,
+            label=f"{label} parity",
+        )
 
     def _fail(self, v: Variant, reason: str) -> Variant:
         return replace(v, status=STATUS_FAILED, reason=reason)

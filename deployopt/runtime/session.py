@@ -92,3 +92,10 @@ def run_batches(session, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[
         res = session.run(names, {k: v for k, v in b.items() if k in wanted})
         out.append(dict(zip(names, res)))
     return out
+
+
+def model_outputs(
+    path: Path, batches: Sequence[dict[str, np.ndarray]], threads: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Create a session on ``path`` and run ``batches``: the unit of work a worker process does."""
+    return run_batches(create_session(path, threads=threads), batches)

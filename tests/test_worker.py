@@ -1,0 +1,87 @@
+"""The worker process turns crashes, hangs and errors of model work into typed errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from deployopt.runtime.worker import WorkerCrashed, WorkerFailed, WorkerTimeout, run_in_worker
+
+
+def add(a, b):
+    return a + b
+
+
+def segfault():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hang():
+    time.sleep(60)
+
+
+def boom():
+    raise ValueError("bad graph")
+
+
+def test_result_comes_back():
+    assert run_in_worker(add, 2, 3) == 5
+
+
+def test_signal_death_is_a_typed_error():
+    with pytest.raises(WorkerCrashed, match="worker died from signal SIGSEGV") as e:
+        run_in_worker(segfault, label="fuse parity")
+    assert e.value.exit_code == 4
+    assert str(e.value).startswith("fuse parity:")
+
+
+def test_hang_is_killed_at_the_limit():
+    t0 = time.monotonic()
+    with pytest.raises(WorkerTimeout, match="no answer within 1 s"):
+        run_in_worker(hang, timeout_s=1)
+    assert time.monotonic() - t0 < 10
+
+
+def test_child_exception_is_reported():
+    with pytest.raises(WorkerFailed, match="ValueError: bad graph"):
+        run_in_worker(boom)
+
+
+def test_crashing_variant_fails_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A variant whose parity session kills its worker is failed; the others finish."""
+    import deployopt
+
+    # spawned children import modules fresh: the crash lives in an importable function
+    monkeypatch.setattr("deployopt.run.Runner._outputs", _patched_outputs)
+    res = deployopt.optimize(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "int8-dynamic"]
+    )
+    fuse = res.by_name("fuse")
+    assert fuse.status == "failed"
+    assert "worker died from signal SIGSEGV" in fuse.reason
+    assert res.by_name("int8-dynamic").ok
+
+
+def crash_if_fuse(path, batches, threads=None):
+    import json
+
+    from deployopt.runtime.session import model_outputs
+
+    meta = path.parent / "variant.json"
+    if meta.exists() and json.loads(meta.read_text())["name"] == "fuse":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return model_outputs(path, batches, threads)
+
+
+def _patched_outputs(self, path, label):
+    return run_in_worker(
+        crash_if_fuse,
+        path,
+        self._evaluation,
+        self.cfg.threads,
+        timeout_s=60,
+        label=f"{label} parity",
+    )
