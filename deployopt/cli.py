@@ -192,6 +192,110 @@ def optimize(
         raise errors.NoViableVariantError(f"no variant passed its checks; see {result.manifest}")
 
 
+@app.command(
+    epilog="Examples:\n\n  deployopt bench model.onnx --batch 1,8 --seq 128 --threads 2\n\n"
+    "  deployopt bench model.onnx --shape x=4x3x224x224 --json bench.json"
+)
+def bench(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to measure.")],
+    ep: Annotated[
+        str, typer.Option(help="Execution provider: cpu, cuda, tensorrt, openvino, ...")
+    ] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads (default: all cores).")
+    ] = None,
+    batch: Annotated[
+        str, typer.Option(help="Batch sizes for the symbolic batch dim, comma-separated.")
+    ] = "1",
+    seq: Annotated[int, typer.Option(help="Length for a symbolic sequence dim.")] = 128,
+    shape: Annotated[
+        list[str] | None,
+        typer.Option("--shape", help="NAME=DIMS to set one input's shape exactly."),
+    ] = None,
+    min_samples: Annotated[int, typer.Option(help="Least timed runs per shape.")] = 50,
+    min_seconds: Annotated[float, typer.Option(help="Least timed seconds per shape.")] = 2.0,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the results (samples included) to this JSON file."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds before a hung measurement is killed.")
+    ] = 600.0,
+) -> None:
+    """Measure latency (p50/p90/p95/p99, cold start) and throughput of one ONNX model.
+
+    Each measurement runs in a worker process; a crash or hang is an error, never a dead run.
+    A result whose session did not run on the requested provider is marked INVALID.
+    """
+    from deployopt.bench import BenchSpec, bench_model
+    from deployopt.errors import UsageError
+    from deployopt.inputs import parse_shape_overrides
+    from deployopt.runtime.session import resolve_provider
+    from deployopt.runtime.worker import run_in_worker
+    from deployopt.sources import read_onnx
+    from deployopt.workspace import write_json
+
+    read_onnx(model)
+    resolve_provider(ep)
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"bad --batch {batch!r}", hint="write e.g. --batch 1,8,32") from None
+    shapes = tuple(parse_shape_overrides(shape or []).items())
+    results = []
+    with err_console.status("measuring ...") as status:
+        for b in batches:
+            status.update(f"measuring batch {b} ...")
+            spec = BenchSpec(
+                provider=ep,
+                threads=threads,
+                batch=b,
+                seq=seq,
+                shapes=shapes,
+                min_samples=min_samples,
+                min_seconds=min_seconds,
+            )
+            results.append(
+                run_in_worker(
+                    bench_model, str(model), spec, timeout_s=timeout, label=f"bench {model}"
+                )
+            )
+    from rich.table import Table
+
+    t = Table(title=f"{model} on {ep}")
+    for col in ("shapes", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "cold ms", "items/s", "valid"):
+        t.add_column(col, justify="left" if col == "shapes" else "right")
+    for r in results:
+        s = r.stats
+        dims = {"x".join(map(str, v)) for v in r.shapes.values()}
+        label = (
+            dims.pop()
+            if len(dims) == 1
+            else " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r.shapes.items())
+        )
+        t.add_row(
+            label,
+            f"{s.p50_ms:.2f}",
+            f"{s.p90_ms:.2f}",
+            f"{s.p95_ms:.2f}",
+            f"{s.p99_ms:.2f}",
+            f"{r.cold_ms:.0f}",
+            f"{r.throughput:.1f}",
+            "yes" if r.valid else "[red]INVALID: " + "; ".join(r.invalid) + "[/]",
+        )
+    console.print(t)
+    env = results[0].env if results else {}
+    console.print(
+        f"{env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
+        f"threads={env.get('threads')}; onnxruntime {env.get('onnxruntime')}",
+        highlight=False,
+    )
+    if json_out:
+        write_json(json_out, {"schema": 1, "results": [r.to_json() for r in results]})
+    if any(not r.valid for r in results):
+        sys.exit(errors.EXIT_INVALID_RUN)
+
+
 def _print_table(result) -> None:
     from rich.table import Table
 
