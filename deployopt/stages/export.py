@@ -59,6 +59,9 @@ def export(source: TorchSource, out_dir: Path, opset: int = DEFAULT_OPSET) -> Pa
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         logging.getLogger("torch.export").setLevel(logging.ERROR)
         try:
+            # Inputs go positionally in input_names order: passing a tokenizer's dict as
+            # kwargs together with input_names renames graph inputs in the dict's order
+            # (input_ids, token_type_ids, attention_mask) and silently swaps two of them.
             torch.onnx.export(
                 source.module,
                 source.example_inputs,
