@@ -215,18 +215,21 @@ class Runner:
         if stage.name in ("int8-static", "fp16"):  # calibration-dependent: the data is a param
             params = {**params, "calibration": self.meta["data"].get("calibration")}
         vid = variant_id(parent.id, stage.name, stage.version, params)
-        if skip:
-            self._record(
-                Variant(
-                    id=vid,
-                    name=stage.name,
-                    stage=stage.name,
-                    parent=parent.id,
-                    params=params,
-                    status=STATUS_SKIPPED,
-                    reason=skip,
-                )
+
+        def unbuilt(status: str, reason: str, metrics: dict | None = None) -> Variant:
+            return Variant(
+                id=vid,
+                name=stage.name,
+                stage=stage.name,
+                parent=parent.id,
+                params=params,
+                status=status,
+                reason=reason,
+                metrics=metrics or {},
             )
+
+        if skip:
+            self._record(unbuilt(STATUS_SKIPPED, skip))
             return
         v = self._cached(vid)
         if v is None:
@@ -241,16 +244,7 @@ class Runner:
                 )
             except StageError as e:
                 metrics = {"search": e.tried} if hasattr(e, "tried") else {}
-                v = Variant(
-                    id=vid,
-                    name=stage.name,
-                    stage=stage.name,
-                    parent=parent.id,
-                    params=params,
-                    status=STATUS_FAILED,
-                    reason=str(e),
-                    metrics=metrics,
-                )
+                v = unbuilt(STATUS_FAILED, str(e), metrics)
                 self._write_failed(v)
                 self._record(v)
                 return
