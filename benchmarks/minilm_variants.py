@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from deployopt.bench import LatencyStats, measure  # noqa: E402
+from deployopt.benchmark import LatencyStats, measure  # noqa: E402
 from deployopt.runtime.session import create_session  # noqa: E402
 from deployopt.sources import load_source  # noqa: E402
 

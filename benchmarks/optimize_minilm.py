@@ -17,7 +17,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import deployopt  # noqa: E402
-from deployopt.bench import fingerprint  # noqa: E402
+from deployopt.benchmark import fingerprint  # noqa: E402
 
 
 def main() -> None:

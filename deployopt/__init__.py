@@ -4,13 +4,13 @@ from deployopt import errors
 from deployopt.variant import Variant
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "Variant", "errors", "__version__"]
+__all__ = ["optimize", "bench", "Variant", "errors", "__version__"]
 
 
 def __getattr__(name: str):
     # Heavy runtimes (torch, onnxruntime) load only when the API is used.
-    if name == "optimize":
-        from deployopt.api import optimize
+    if name in ("optimize", "bench"):
+        from deployopt import api
 
-        return optimize
+        return getattr(api, name)
     raise AttributeError(name)

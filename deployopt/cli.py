@@ -6,6 +6,7 @@ rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, 7
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -27,8 +28,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
-console = Console()
+
+
+def _width(stream) -> int | None:
+    """Logs and CI pages are wider than rich's 80-column default for a non-terminal."""
+    return None if stream.isatty() or "COLUMNS" in os.environ else 132
+
+
+err_console = Console(stderr=True, width=_width(sys.stderr))
+console = Console(width=_width(sys.stdout))
 _state = {"verbose": False}
 
 
@@ -128,21 +136,122 @@ def optimize(
             "--force", help="Rebuild variants even when a finished one with the same id exists."
         ),
     ] = False,
+    bench: Annotated[
+        bool,
+        typer.Option(
+            "--bench/--no-bench",
+            help="Benchmark the variants, choose one, write best.onnx (default), or stop after building them.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = True,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Named target to benchmark on: cpu (all cores), cpu-1t, cuda, or one from --config.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = None,
+    ep: Annotated[
+        str | None,
+        typer.Option(
+            help="Execution provider for an ad-hoc target (with --threads): cpu, cuda, tensorrt, ...",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file with [targets.NAME] tables.", rich_help_panel="Benchmark and selection"
+        ),
+    ] = None,
+    batch: Annotated[
+        str,
+        typer.Option(
+            help="Batch sizes to benchmark, comma-separated; the first one decides the choice.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = "1",
+    seq: Annotated[
+        int,
+        typer.Option(
+            help="Sequence length for text models' benchmark inputs.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = 128,
+    bench_samples: Annotated[
+        int,
+        typer.Option(
+            help="Least timed runs per variant and batch size.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = 60,
+    bench_seconds: Annotated[
+        float,
+        typer.Option(
+            help="Least timed seconds per variant and batch size.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = 3.0,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="Interleaved rounds the samples are spread over.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = 3,
+    min_cosine: Annotated[
+        float,
+        typer.Option(
+            help="Least mean cosine to the fp32 reference a variant must keep.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = 0.99,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Most task-metric drop (points) allowed vs the original.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = None,
+    max_size_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest file size (MB) allowed.", rich_help_panel="Benchmark and selection"
+        ),
+    ] = None,
+    max_latency_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="Latency budget (ms) on --metric at the first batch size.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Latency percentile the choice minimises: p50, p90, p95 or p99.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = "p50",
 ) -> None:
-    """Export a model to ONNX and build validated variants (fuse, int8-dynamic, int8-static, fp16).
+    """Export a model, build validated variants, benchmark them and ship the best one.
 
     Every variant is proved against its reference on an evaluation set; one outside tolerance
-    is kept out and recorded with its numbers. Results: OUT/manifest.json and OUT/variants/<id>/.
+    is kept out and recorded with its numbers. The variants that pass are measured on the
+    target in interleaved rounds, and the fastest one meeting the constraints is copied to
+    OUT/best.onnx. Results: OUT/best.onnx, OUT/report.{json,md,html}, OUT/manifest.json and
+    OUT/variants/<id>/. Exit 6 when no variant qualifies, with every rejection's reason.
     """
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from deployopt.api import optimize as run_optimize
     from deployopt.inputs import parse_shape_overrides
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     shapes = parse_shape_overrides(input_shape or [])
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from deployopt.api import optimize as run_optimize
-
+    batches = _batches(batch)
     steps = ["load", "export", *names]
+    total = len(steps) + (len(batches) * rounds + 1 if bench else 1)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -152,7 +261,7 @@ def optimize(
         console=err_console,
         transient=True,
     ) as progress:
-        task = progress.add_task("loading model", total=len(steps))
+        task = progress.add_task("loading model", total=total)
 
         def log(msg: str) -> None:
             progress.console.print(f"  {msg}", highlight=False)
@@ -160,8 +269,14 @@ def optimize(
             if name in steps and rest.split(" ")[0] in ("ok", "FAILED", "skipped"):
                 progress.advance(task)
                 later = steps[steps.index(name) + 1 :]
-                if later:
-                    progress.update(task, description=f"building {later[0]} ...")
+                progress.update(
+                    task,
+                    description=f"building {later[0]} ..." if later else "benchmarking ...",
+                )
+            elif name == "bench" and rest.startswith("round "):
+                progress.advance(task)
+            elif name == "report":
+                progress.advance(task)
 
         progress.advance(task)
         progress.update(task, description="exporting")
@@ -186,23 +301,69 @@ def optimize(
                 m.strip() for m in calibration_methods.split(",") if m.strip()
             ),
             fp16_op_block_list=tuple(o.strip() for o in fp16_block_ops.split(",") if o.strip()),
+            bench=bench,
+            target=target,
+            ep=ep,
+            config_file=config,
+            bench_batches=tuple(batches),
+            bench_seq=seq,
+            bench_min_samples=bench_samples,
+            bench_min_seconds=bench_seconds,
+            bench_rounds=rounds,
+            min_cosine=min_cosine,
+            max_accuracy_drop=max_accuracy_drop,
+            max_size_mb=max_size_mb,
+            max_latency_ms=max_latency_ms,
+            metric=metric,
         )
     _print_table(result)
     if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
         raise errors.NoViableVariantError(f"no variant passed its checks; see {result.manifest}")
+    if result.choice is not None and result.choice.winner is None:
+        raise errors.NoViableVariantError(
+            "no variant meets the constraints: "
+            + "; ".join(f"{k}: {why}" for k, why in result.choice.rejected.items()),
+            hint="relax --min-cosine/--max-size-mb/--max-latency-ms, or see "
+            + str(result.reports.get("md", result.manifest)),
+        )
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+        if not batches or min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        raise errors.UsageError(f"bad --batch {text!r}", hint="write e.g. --batch 1,8,32") from None
+    return batches
 
 
 @app.command(
     epilog="Examples:\n\n  deployopt bench model.onnx --batch 1,8 --seq 128 --threads 2\n\n"
-    "  deployopt bench model.onnx --shape x=4x3x224x224 --json bench.json"
+    "  deployopt bench fp32.onnx int8.onnx --target cpu-1t --json bench.json\n\n"
+    "  deployopt bench model.onnx --shape x=4x3x224x224 --ep cuda"
 )
 def bench(
-    model: Annotated[Path, typer.Argument(help="The .onnx model to measure.")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One or more .onnx models; several are measured in interleaved rounds."
+        ),
+    ],
+    target: Annotated[
+        str | None, typer.Option(help="Named target: cpu, cpu-1t, cuda, or one from --config.")
+    ] = None,
     ep: Annotated[
-        str, typer.Option(help="Execution provider: cpu, cuda, tensorrt, openvino, ...")
-    ] = "cpu",
+        str | None,
+        typer.Option(
+            help="Execution provider for an ad-hoc target: cpu, cuda, tensorrt, openvino, ..."
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(help="Intra-op threads (default: all cores).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with [targets.NAME] tables.")
     ] = None,
     batch: Annotated[
         str, typer.Option(help="Batch sizes for the symbolic batch dim, comma-separated.")
@@ -212,8 +373,20 @@ def bench(
         list[str] | None,
         typer.Option("--shape", help="NAME=DIMS to set one input's shape exactly."),
     ] = None,
-    min_samples: Annotated[int, typer.Option(help="Least timed runs per shape.")] = 50,
-    min_seconds: Annotated[float, typer.Option(help="Least timed seconds per shape.")] = 2.0,
+    min_samples: Annotated[int, typer.Option(help="Least timed runs per model and shape.")] = 60,
+    min_seconds: Annotated[
+        float, typer.Option(help="Least timed seconds per model and shape.")
+    ] = 3.0,
+    rounds: Annotated[
+        int, typer.Option(help="Interleaved rounds the samples are spread over.")
+    ] = 3,
+    include_copies: Annotated[
+        bool,
+        typer.Option(
+            "--include-copies",
+            help="GPU EPs: time host<->device copies too (default: IO binding, copies not timed).",
+        ),
+    ] = False,
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="Write the results (samples included) to this JSON file."),
@@ -222,88 +395,110 @@ def bench(
         float, typer.Option(help="Seconds before a hung measurement is killed.")
     ] = 600.0,
 ) -> None:
-    """Measure latency (p50/p90/p95/p99, cold start) and throughput of one ONNX model.
+    """Measure latency (p50/p90/p95/p99 with a CI of the median, cold start) and throughput.
 
-    Each measurement runs in a worker process; a crash or hang is an error, never a dead run.
-    A result whose session did not run on the requested provider is marked INVALID.
+    Each model runs in its own worker process; a crash or hang makes that result INVALID, never
+    a dead run. A session that does not run on the requested provider is INVALID too (exit 4).
     """
-    from deployopt.bench import BenchSpec, bench_model
-    from deployopt.errors import UsageError
+    from deployopt.api import bench as run_bench
     from deployopt.inputs import parse_shape_overrides
-    from deployopt.runtime.session import resolve_provider
-    from deployopt.runtime.worker import run_in_worker
-    from deployopt.sources import read_onnx
     from deployopt.workspace import write_json
 
-    read_onnx(model)
-    resolve_provider(ep)
-    try:
-        batches = [int(b) for b in batch.split(",") if b.strip()]
-    except ValueError:
-        raise UsageError(f"bad --batch {batch!r}", hint="write e.g. --batch 1,8,32") from None
-    shapes = tuple(parse_shape_overrides(shape or []).items())
-    results = []
+    batches = _batches(batch)
     with err_console.status("measuring ...") as status:
-        for b in batches:
-            status.update(f"measuring batch {b} ...")
-            spec = BenchSpec(
-                provider=ep,
-                threads=threads,
-                batch=b,
-                seq=seq,
-                shapes=shapes,
-                min_samples=min_samples,
-                min_seconds=min_seconds,
-            )
-            results.append(
-                run_in_worker(
-                    bench_model, str(model), spec, timeout_s=timeout, label=f"bench {model}"
-                )
-            )
+        results = run_bench(
+            models,
+            target=target,
+            ep=ep,
+            threads=threads,
+            config=config,
+            batch=batches,
+            seq=seq,
+            shapes=parse_shape_overrides(shape or []),
+            min_samples=min_samples,
+            min_seconds=min_seconds,
+            rounds=rounds,
+            include_copies=include_copies,
+            timeout_s=timeout,
+            log=lambda m: status.update(m),
+        )
+    tgt = _target_of(results)
+    _print_bench(results, tgt)
+    if json_out:
+        write_json(
+            json_out,
+            {
+                "schema": "deployopt.bench/1",
+                "target": tgt,
+                "results": [r.to_json() for r in results],
+            },
+        )
+    if any(not r.valid for r in results):
+        sys.exit(errors.EXIT_INVALID_RUN)
+
+
+def _target_of(results) -> str:
+    env = results[0].env if results else {}
+    return f"{env.get('target', '?')} ({env.get('ep', '?')}, {env.get('threads', 'all')} threads)"
+
+
+def _print_bench(results, tgt) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{model} on {ep}")
-    for col in ("shapes", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "cold ms", "items/s", "valid"):
-        t.add_column(col, justify="left" if col == "shapes" else "right")
+    from deployopt.report import fmt_ms
+
+    t = Table(title=f"on {tgt}")
+    cols = ("model", "shape", "p50 ms", "p50 95% CI", "p90 ms", "p99 ms", "cold ms", "items/s")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("model", "shape") else "right")
     for r in results:
-        s = r.stats
         dims = {"x".join(map(str, v)) for v in r.shapes.values()}
         label = (
             dims.pop()
             if len(dims) == 1
             else " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r.shapes.items())
         )
+        s = r.stats
+        if s is None:
+            t.add_row(r.name, label, "[red]INVALID[/]", "", "", "", "", "")
+            continue
         t.add_row(
+            r.name,
             label,
-            f"{s.p50_ms:.2f}",
-            f"{s.p90_ms:.2f}",
-            f"{s.p95_ms:.2f}",
-            f"{s.p99_ms:.2f}",
-            f"{r.cold_ms:.0f}",
+            fmt_ms(s.p50_ms),
+            f"{fmt_ms(s.p50_ci_low_ms)}-{fmt_ms(s.p50_ci_high_ms)}",
+            fmt_ms(s.p90_ms),
+            fmt_ms(s.p99_ms),
+            f"{r.cold_ms:.0f}" if r.cold_ms else "-",
             f"{r.throughput:.1f}",
-            "yes" if r.valid else "[red]INVALID: " + "; ".join(r.invalid) + "[/]",
         )
     console.print(t)
+    for r in results:
+        if r.invalid:
+            console.print(f"[red]INVALID[/] {r.name}: {'; '.join(r.invalid)}", highlight=False)
     env = results[0].env if results else {}
     console.print(
         f"{env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
-        f"threads={env.get('threads')}; onnxruntime {env.get('onnxruntime')}",
+        f"threads={env.get('threads')}; onnxruntime {env.get('onnxruntime')}"
+        + (f"; GPU {env['gpu']} driver {env.get('gpu_driver')}" if "gpu" in env else ""),
         highlight=False,
     )
-    if json_out:
-        write_json(json_out, {"schema": 1, "results": [r.to_json() for r in results]})
-    if any(not r.valid for r in results):
-        sys.exit(errors.EXIT_INVALID_RUN)
 
 
 def _print_table(result) -> None:
     from rich.table import Table
 
+    from deployopt.report import fmt_ms
+
     t = Table(title=f"deployopt: {result.out_dir}")
-    for col in ("variant", "status", "size MB", "mean cos", "min cos", "max |diff|"):
+    cols = ["variant", "status", "size MB", "mean cos", "min cos", "max |diff|"]
+    if result.bench:
+        cols += ["p50 ms", "p99 ms", "items/s"]
+    for col in cols:
         t.add_column(
             col, justify="right" if col not in ("variant", "status") else "left", no_wrap=True
         )
+    winner = result.choice.winner.name if result.choice and result.choice.winner else None
     notes = []
     for v in result.variants:
         p = v.parity or {}
@@ -311,19 +506,46 @@ def _print_table(result) -> None:
         note = v.reason or "; ".join(v.warnings)
         if note:
             notes.append(f"{v.name}: {note}")
-        t.add_row(
-            v.name,
-            {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}[
-                v.status
-            ],
-            f"{size / 1e6:.1f}" if size else "-",
+        status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}
+        row = [
+            f"[bold]{v.name}[/]" if v.name == winner else v.name,
+            "[bold green]chosen[/]" if v.name == winner else status[v.status],
+            f"{size / 1e6:.3g}" if size else "-",
             f"{p['mean_cosine']:.5f}" if p else "-",
             f"{p['min_cosine']:.5f}" if p else "-",
             f"{p['max_abs_diff']:.2e}" if p else "-",
-        )
+        ]
+        if result.bench:
+            b = (result.bench.get(v.name) or [None])[0]
+            s = b.stats if b is not None else None
+            if b is not None and not b.valid:
+                row += ["[red]INVALID[/]", "", ""]
+            else:
+                row += [
+                    fmt_ms(s.p50_ms if s else None),
+                    fmt_ms(s.p99_ms if s else None),
+                    f"{b.throughput:.1f}" if b and b.throughput else "-",
+                ]
+        t.add_row(*row)
     console.print(t)
     for n in notes:
         console.print(f"  {n}", highlight=False, soft_wrap=True)
+    ch = result.choice
+    if ch is not None:
+        for name, why in ch.rejected.items():
+            console.print(f"  not chosen: {name}: {why}", highlight=False, soft_wrap=True)
+        if ch.pareto:
+            console.print(f"  Pareto front (latency, cosine, size): {', '.join(ch.pareto)}")
+        env = next(iter(result.bench.values()))[0].env if result.bench else {}
+        console.print(
+            f"  measured on {env.get('target')} ({env.get('threads')} threads), "
+            f"{env.get('cpu')}; onnxruntime {env.get('onnxruntime')}",
+            highlight=False,
+        )
+    if result.best:
+        console.print(f"[bold]best:[/] {result.best}  ({winner})")
+    for kind, path in result.reports.items():
+        console.print(f"report ({kind}): {path}", highlight=False)
     console.print(f"manifest: {result.manifest}")
 
 

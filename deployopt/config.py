@@ -32,6 +32,21 @@ class OptimizeConfig(BaseModel):
     calibration_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
     fp16_op_block_list: tuple[str, ...] = ()
     worker_timeout_s: float = Field(600.0, gt=0)
+    # benchmark, selection and report
+    bench: bool = True
+    target: str | None = None
+    ep: str | None = None
+    config_file: Path | None = None
+    bench_batches: tuple[int, ...] = (1,)
+    bench_seq: int = Field(128, ge=1)
+    bench_min_samples: int = Field(60, ge=1)
+    bench_min_seconds: float = Field(3.0, ge=0)
+    bench_rounds: int = Field(3, ge=1, le=100)
+    min_cosine: float = Field(0.99, ge=-1, le=1)
+    max_accuracy_drop: float | None = Field(None, ge=0)
+    max_size_mb: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    metric: str = Field("p50", pattern="^(p50|p90|p95|p99)$")
 
     @field_validator("variants")
     @classmethod
@@ -51,6 +66,13 @@ class OptimizeConfig(BaseModel):
             raise ValueError(
                 f"calibration methods must be minmax, entropy or percentile, got {bad or 'none'}"
             )
+        return v
+
+    @field_validator("bench_batches")
+    @classmethod
+    def _batches(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive integers")
         return v
 
     @field_validator("pooling")

@@ -49,6 +49,10 @@ class OptimizeResult:
     variants: list[Variant]
     manifest: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, list] = field(default_factory=dict)  # variant name -> BenchResult per batch
+    choice: Any = None  # deployopt.select.Choice once benchmarked
+    best: Path | None = None
+    reports: dict[str, Path] = field(default_factory=dict)
 
     def by_name(self, name: str) -> Variant:
         for v in self.variants:

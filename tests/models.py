@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -89,3 +90,34 @@ def save_tiny_bert(folder: Path, classifier: bool = False) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def optimize_only(*args, **kwargs):
+    """deployopt.optimize without the benchmark/selection step (for tests of the variants)."""
+    import deployopt
+
+    return deployopt.optimize(*args, bench=False, **kwargs)
+
+
+def tiny_onnx_model():
+    """Y = X @ W + B with a 16x4 float initializer (256 bytes) and a 4-float bias."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal((4,)).astype(np.float32), "B")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["X", "W"], ["XW"]),
+            helper.make_node("Add", ["XW", "B"], ["Y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

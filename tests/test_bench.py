@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from deployopt.bench import BenchSpec, LatencyStats, bench_model, measure
+from deployopt.benchmark import BenchSpec, LatencyStats, bench_feeds, bench_models, measure
+from deployopt.presets import BUILTIN_TARGETS, Target
 
 
 class FakeClock:
@@ -59,24 +63,101 @@ def test_latency_stats_percentiles():
     assert st.min_ms == 1.0 and st.samples == 100
 
 
+def test_median_ci_brackets_the_median():
+    st = LatencyStats.from_samples([float(x) for x in range(1, 101)])
+    # n=100: ranks 50 -+ 9.8 -> order statistics 40 and 60 (1-based 41 and 60)
+    assert st.p50_ci_low_ms == 41.0 and st.p50_ci_high_ms == 60.0
+    assert st.p50_ci_low_ms <= st.p50_ms <= st.p50_ci_high_ms
+    one = LatencyStats.from_samples([5.0])
+    assert one.p50_ci_low_ms == one.p50_ci_high_ms == 5.0 and one.stdev_ms == 0.0
+
+
+def test_bench_feeds_text_model_gets_token_ids_and_mask():
+    from deployopt.inputs import InputSpec
+
+    specs = [
+        InputSpec("input_ids", "int64", ("batch", "seq")),
+        InputSpec("attention_mask", "int64", ("batch", "seq")),
+        InputSpec("pixels", "float32", ("batch", 3, 8, 8)),
+    ]
+    f = bench_feeds(specs, BenchSpec(batch=2, seq=16, shapes=(("pixels", (1, 3, 4, 4)),)))
+    assert f["input_ids"].shape == (2, 16) and f["input_ids"].dtype == np.int64
+    assert (f["input_ids"][:, 0] == 101).all() and (f["input_ids"][:, -1] == 102).all()
+    assert (f["input_ids"][:, 1:-1] >= 1996).all()
+    assert (f["attention_mask"] == 1).all()
+    assert f["pixels"].shape == (1, 3, 4, 4) and f["pixels"].dtype == np.float32
+
+
 @pytest.fixture(scope="module")
 def mlp_onnx(tmp_path_factory):
-    import deployopt
+    from tests.models import optimize_only
 
     out = tmp_path_factory.mktemp("b")
-    res = deployopt.optimize("tests.models:mlp", out, input_shapes={"x": (1, 16)}, variants=[])
+    res = optimize_only("tests.models:mlp", out, input_shapes={"x": (1, 16)}, variants=[])
     return res.by_name("fp32").path
 
 
-def test_bench_model_reports_real_measurements(mlp_onnx):
-    r = bench_model(str(mlp_onnx), BenchSpec(batch=4, min_samples=20, min_seconds=0.05))
-    assert r.valid and r.providers[0] == "CPUExecutionProvider"
-    assert r.shapes == {"x": [4, 16]}
-    assert len(r.samples_ms) >= 20 and all(s > 0 for s in r.samples_ms)
-    assert r.stats.p50_ms <= r.stats.p99_ms
-    assert r.throughput == pytest.approx(4 / (r.stats.p50_ms / 1e3))
-    assert r.cold_ms > 0 and r.peak_rss_mb > 0
-    assert r.env["onnxruntime"] and r.env["cores"]
+FAST = BenchSpec(batch=4, min_samples=20, min_seconds=0.05, rounds=2)
+
+
+def test_bench_models_reports_real_measurements(mlp_onnx):
+    res = bench_models({"a": str(mlp_onnx), "b": str(mlp_onnx)}, BUILTIN_TARGETS["cpu-1t"], FAST)
+    assert list(res) == ["a", "b"]
+    for r in res.values():
+        assert r.valid, r.invalid
+        assert r.providers[0] == "CPUExecutionProvider" and r.target == "cpu-1t"
+        assert r.shapes == {"x": [4, 16]}
+        assert len(r.samples_ms) >= 20 and all(s > 0 for s in r.samples_ms)
+        assert r.stats.p50_ms <= r.stats.p99_ms
+        assert r.throughput == pytest.approx(4 / (r.stats.p50_ms / 1e3))
+        assert r.cold_ms > 0 and r.peak_rss_mb > 0
+        assert r.env["onnxruntime"] and r.env["cores"] and r.env["threads"] == "1"
+        doc = json.loads(json.dumps(r.to_json()))
+        assert doc["valid"] is True and doc["stats"]["samples"] == len(r.samples_ms)
+
+
+def test_missing_ep_is_invalid_with_the_reason(mlp_onnx):
+    tgt = Target(name="trt", ep="tensorrt")
+    r = bench_models({"m": str(mlp_onnx)}, tgt, FAST)["m"]
+    assert not r.valid and r.stats is None
+    assert "TensorrtExecutionProvider is not available here" in r.invalid[0]
+    assert "CPUExecutionProvider" in r.invalid[0]  # the list of what is available
+
+
+def crash_serve(conn, path, target, spec):
+    """A worker that dies of SIGSEGV for one model, as a crashing onnxruntime would."""
+    if "crash" in path:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    from deployopt.benchmark import _serve
+
+    _serve(conn, path, target, spec)
+
+
+def test_crashing_worker_is_invalid_and_the_others_go_on(mlp_onnx, tmp_path, monkeypatch):
+    crash = tmp_path / "crash.onnx"
+    crash.write_bytes(mlp_onnx.read_bytes())
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    monkeypatch.setattr("deployopt.benchmark._serve", crash_serve)
+    res = bench_models(
+        {"crash": str(crash), "ok": str(mlp_onnx), "garbage": str(garbage)},
+        BUILTIN_TARGETS["cpu"],
+        FAST,
+        timeout_s=60,
+    )
+    assert not res["crash"].valid
+    assert "worker died from signal SIGSEGV" in res["crash"].invalid[0]
+    assert not res["garbage"].valid and res["garbage"].invalid[0].startswith("session:")
+    assert res["ok"].valid and len(res["ok"].samples_ms) >= 20
+
+
+def test_api_bench_several_batches(mlp_onnx):
+    import deployopt
+
+    rs = deployopt.bench(mlp_onnx, batch=[1, 3], min_samples=5, min_seconds=0.0, rounds=1)
+    assert [r.batch for r in rs] == [1, 3] and all(r.valid for r in rs)
+    with pytest.raises(deployopt.errors.UsageError, match="bad batch sizes"):
+        deployopt.bench(mlp_onnx, batch=[0])
 
 
 def cli(*args):
@@ -109,3 +190,31 @@ def test_bench_cli_json_and_missing_ep(mlp_onnx, tmp_path):
     assert r.returncode == 4
     assert "execution provider 'tensorrt'" in r.stderr and "CPUExecutionProvider" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_targets_from_toml_and_their_errors(tmp_path):
+    from deployopt.errors import ConfigError, UsageError
+    from deployopt.presets import load_targets, resolve_target
+
+    cfg = tmp_path / "targets.toml"
+    cfg.write_text('[targets.edge-2t]\nep = "cpu"\nthreads = 2\ngraph_optimization = "basic"\n')
+    t = resolve_target("edge-2t", None, None, cfg)
+    assert (t.name, t.ep, t.threads, t.graph_optimization) == ("edge-2t", "cpu", 2, "basic")
+    assert set(load_targets(cfg)) == {"cpu", "cpu-1t", "cuda", "edge-2t"}
+    assert resolve_target("cpu-1t", None, None).threads == 1
+    assert resolve_target(None, "cuda", 4).name == "cuda-4t"
+    assert resolve_target(None, None, None).name == "cpu"
+    with pytest.raises(UsageError, match="unknown target 'tpu'") as e:
+        resolve_target("tpu", None, None, cfg)
+    assert "cpu-1t" in e.value.hint and "edge-2t" in e.value.hint
+    cfg.write_text("[targets.x]\nthreads = 0\n")
+    with pytest.raises(ConfigError, match=r"targets.toml: \[targets.x\] threads: Input should be"):
+        load_targets(cfg)
+    cfg.write_text("[targets.x]\nflavour = 'mint'\n")
+    with pytest.raises(ConfigError, match=r"\[targets.x\] flavour: Extra inputs"):
+        load_targets(cfg)
+    cfg.write_text("[targets.x\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_targets(cfg)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_targets(tmp_path / "missing.toml")

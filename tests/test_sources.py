@@ -23,6 +23,7 @@ from deployopt.errors import (
     UsageError,
 )
 from deployopt.sources import OnnxSource, TorchSource, load_source
+from tests.models import tiny_onnx_model
 
 MLP_SHAPES = {"input": (1, 16)}
 
@@ -42,30 +43,6 @@ def raises_exactly(cls, excinfo, *fragments: str, code: int):
 # ---------------------------------------------------------------- small ONNX models
 
 
-def _tiny_model(external: bool = False):
-    """Y = X @ W + B with a 16x4 float initializer (256 bytes) and a 4-float bias."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal((4,)).astype(np.float32), "B")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["X", "W"], ["XW"]),
-            helper.make_node("Add", ["XW", "B"], ["Y"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def _save_external(folder: Path, location: str = "weights.bin") -> Path:
     """Save the tiny model to folder/model.onnx with both initializers in folder/<location>."""
     import onnx
@@ -73,7 +50,7 @@ def _save_external(folder: Path, location: str = "weights.bin") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     onnx.save_model(
-        _tiny_model(),
+        tiny_onnx_model(),
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
@@ -114,7 +91,7 @@ def onnx_bytes(tmp_path) -> bytes:
     import onnx
 
     path = tmp_path / "whole.onnx"
-    onnx.save_model(_tiny_model(), str(path))
+    onnx.save_model(tiny_onnx_model(), str(path))
     data = path.read_bytes()
     assert len(data) > 200
     return data

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-import deployopt
 from deployopt.errors import DataError
+from tests.models import optimize_only
 
 
 @pytest.fixture(scope="module")
 def bert_run(tiny_bert_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bert-out")
-    return deployopt.optimize(str(tiny_bert_dir), out)
+    return optimize_only(str(tiny_bert_dir), out)
 
 
 def test_tiny_bert_export_matches_pytorch_on_untraced_shapes(bert_run, tiny_bert_dir):
@@ -64,7 +64,7 @@ def test_tiny_bert_all_variants_within_tolerance(bert_run):
 
 
 def test_text_classifier_records_argmax_agreement(tiny_bert_classifier_dir, tmp_path):
-    res = deployopt.optimize(str(tiny_bert_classifier_dir), tmp_path, variants=["int8-dynamic"])
+    res = optimize_only(str(tiny_bert_classifier_dir), tmp_path, variants=["int8-dynamic"])
     v = res.by_name("int8-dynamic")
     assert res.meta["task"] == "text-classification"
     assert v.parity["argmax_agreement"] is not None
@@ -87,7 +87,7 @@ class Overflow(nn.Module):
 
 
 def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
-    res = deployopt.optimize(Overflow(), tmp_path, input_shapes={"x": (1, 8)}, variants=["fp16"])
+    res = optimize_only(Overflow(), tmp_path, input_shapes={"x": (1, 8)}, variants=["fp16"])
     v = res.by_name("fp16")
     assert v.ok, v.reason
     assert v.metrics["fp32_fallback_nodes"], "the overflowing node was not detected"
@@ -103,7 +103,7 @@ def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch
     monkeypatch.setattr(
         quantize.StaticQuantStage, "tolerance", Tolerance(min_mean_cosine=1.01)
     )  # unreachable on purpose
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-static"]
     )
     v = res.by_name("int8-static")
@@ -120,7 +120,7 @@ def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch
 def test_calibration_from_text_file_and_bad_jsonl(tiny_bert_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(f"the model is fast day {i}" for i in range(24)))
-    res = deployopt.optimize(
+    res = optimize_only(
         str(tiny_bert_dir), tmp_path / "o", variants=["int8-static"], calibration=calib
     )
     assert res.by_name("int8-static").ok
@@ -128,7 +128,7 @@ def test_calibration_from_text_file_and_bad_jsonl(tiny_bert_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: not a JSON object"):
-        deployopt.optimize(str(tiny_bert_dir), tmp_path / "o2", calibration=bad)
+        optimize_only(str(tiny_bert_dir), tmp_path / "o2", calibration=bad)
 
 
 def test_uniform_batches_pads_and_drops_ragged_tail():
@@ -160,9 +160,7 @@ def test_hf_image_classifier_folder(tmp_path):
     )
     torch.manual_seed(0)
     ViTForImageClassification(cfg).eval().save_pretrained(tmp_path / "vit")
-    res = deployopt.optimize(
-        str(tmp_path / "vit"), tmp_path / "out", variants=["fuse", "int8-dynamic"]
-    )
+    res = optimize_only(str(tmp_path / "vit"), tmp_path / "out", variants=["fuse", "int8-dynamic"])
     assert res.meta["task"] == "image-classification"
     for v in res.variants:
         assert v.ok, (v.name, v.reason)

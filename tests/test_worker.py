@@ -52,11 +52,11 @@ def test_child_exception_is_reported():
 
 def test_crashing_variant_fails_and_the_run_goes_on(tmp_path, monkeypatch):
     """A variant whose parity session kills its worker is failed; the others finish."""
-    import deployopt
+    from tests.models import optimize_only
 
     # spawned children import modules fresh: the crash lives in an importable function
     monkeypatch.setattr("deployopt.run.Runner._outputs", _patched_outputs)
-    res = deployopt.optimize(
+    res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "int8-dynamic"]
     )
     fuse = res.by_name("fuse")

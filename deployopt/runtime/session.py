@@ -99,3 +99,56 @@ def model_outputs(
 ) -> list[dict[str, np.ndarray]]:
     """Create a session on ``path`` and run ``batches``: the unit of work a worker process does."""
     return run_batches(create_session(path, threads=threads), batches)
+
+
+def runner(session, feeds: dict[str, np.ndarray], device_io: bool = True):
+    """A zero-argument callable that runs ``session`` once on ``feeds``.
+
+    On a GPU provider with ``device_io``, inputs are copied to the device once and outputs stay
+    there (IO binding), so host copies are not timed.
+    """
+    provider = session.get_providers()[0]
+    device = {
+        "CUDAExecutionProvider": "cuda",
+        "TensorrtExecutionProvider": "cuda",
+        "ROCMExecutionProvider": "cuda",
+        "MIGraphXExecutionProvider": "cuda",
+    }.get(provider)
+    if device is None or not device_io:
+        names = [o.name for o in session.get_outputs()]
+        return lambda: session.run(names, feeds)
+    rt = ort()
+    binding = session.io_binding()
+    for name, arr in feeds.items():
+        binding.bind_ortvalue_input(name, rt.OrtValue.ortvalue_from_numpy(arr, device, 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device)
+    return lambda: session.run_with_iobinding(binding)
+
+
+def node_providers(path: Path, target, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many graph nodes each execution provider ran, from one profiled run."""
+    import json
+    import os
+    import tempfile
+
+    rt = ort()
+    so = rt.SessionOptions()
+    so.enable_profiling = True
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="deployopt-prof-") as tmp:
+        so.profile_file_prefix = os.path.join(tmp, "p")
+        full = resolve_provider(target.ep)
+        sess = rt.InferenceSession(str(path), so, providers=[full, "CPUExecutionProvider"])
+        sess.run(None, feeds)
+        prof = sess.end_profiling()
+        with open(prof) as f:
+            events = json.load(f)
+    counts: dict[str, int] = {}
+    seen = set()
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") == "Node" and "provider" in args and ev["name"] not in seen:
+            seen.add(ev["name"])
+            counts[args["provider"]] = counts.get(args["provider"], 0) + 1
+    return counts

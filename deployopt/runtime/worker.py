@@ -67,14 +67,14 @@ def run_in_worker(
         if not parent.poll(timeout_s):
             if not proc.is_alive():  # died before answering
                 proc.join(5)
-                raise WorkerCrashed(f"{label}: worker died {_death(proc.exitcode)}")
+                raise WorkerCrashed(f"{label}: worker died {death_reason(proc.exitcode)}")
             proc.kill()
             raise WorkerTimeout(f"{label}: no answer within {timeout_s:g} s; killed")
         try:
             status, payload = parent.recv()
         except EOFError:
             proc.join(5)
-            raise WorkerCrashed(f"{label}: worker died {_death(proc.exitcode)}") from None
+            raise WorkerCrashed(f"{label}: worker died {death_reason(proc.exitcode)}") from None
     finally:
         parent.close()
         if proc.is_alive():
@@ -86,7 +86,7 @@ def run_in_worker(
     raise WorkerFailed(f"{label}: {detail}")
 
 
-def _death(code: int | None) -> str:
+def death_reason(code: int | None) -> str:
     if code is None:
         return "without an exit code"
     if code < 0:

@@ -1,0 +1,298 @@
+"""Reports: ``report.json`` (versioned schema), ``report.md`` and a self-contained
+``report.html`` with plots inlined as PNG data (no external URL)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from deployopt.workspace import write_json, write_text
+
+SCHEMA_ID = "deployopt.report/1"
+
+
+def schema() -> dict:
+    return json.loads(resources.files("deployopt.data").joinpath("report.schema.json").read_text())
+
+
+def lineage(variants: Sequence[Mapping[str, Any]], vid: str) -> list[str]:
+    """Names from the root to the variant ``vid``: e.g. ["fp32", "fuse", "fp16"]."""
+    by_id = {v["id"]: v for v in variants}
+    chain = []
+    cur = by_id.get(vid)
+    while cur is not None:
+        chain.append(cur["name"])
+        cur = by_id.get(cur.get("parent"))
+    return chain[::-1]
+
+
+def build(
+    *,
+    source: str,
+    task: str,
+    config: Mapping[str, Any],
+    environment: Mapping[str, str],
+    target: Mapping[str, Any] | None,
+    bench_spec: Mapping[str, Any] | None,
+    constraints: Mapping[str, Any] | None,
+    data: Mapping[str, str],
+    variants: Sequence[Mapping[str, Any]],
+    bench: Mapping[str, Sequence[Mapping]] | None,
+    choice: Mapping[str, Any] | None,
+) -> dict:
+    """Assemble the report document (plain JSON data)."""
+    from deployopt import __version__
+
+    rows = []
+    for v in variants:
+        row = dict(v)
+        row["chain"] = lineage(variants, v["id"])
+        row["bench"] = list((bench or {}).get(v["name"], []))
+        rows.append(row)
+    return {
+        "schema": SCHEMA_ID,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "deployopt_version": __version__,
+        "source": source,
+        "task": task,
+        "config": dict(config),
+        "environment": dict(environment),
+        "target": dict(target) if target else None,
+        "bench_spec": dict(bench_spec) if bench_spec else None,
+        "constraints": dict(constraints) if constraints else None,
+        "data": dict(data),
+        "variants": rows,
+        "choice": dict(choice) if choice else None,
+    }
+
+
+def _first_bench(v: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return v["bench"][0] if v.get("bench") else None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def fmt_ms(x: float | None) -> str:
+    """Milliseconds with the digits that matter: 123, 17.04, 0.0512."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else (f"{x:.2f}" if x >= 1 else f"{x:.4f}")
+
+
+def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for v in report["variants"]:
+        p = v.get("parity") or {}
+        b = _first_bench(v) or {}
+        st = b.get("stats") or {}
+        status = v["status"]
+        if b and not b.get("valid", True):
+            status = "bench invalid"
+        if report.get("choice") and report["choice"].get("winner") == v["name"]:
+            status = "**chosen**"
+        rows.append(
+            [
+                v["name"],
+                " > ".join(v["chain"]),
+                _fmt(v["size_bytes"] / 1e6 if v.get("size_bytes") else None, ".3g"),
+                _fmt(p.get("mean_cosine"), ".5f"),
+                _fmt(p.get("min_cosine"), ".5f"),
+                fmt_ms(st.get("p50_ms")),
+                fmt_ms(st.get("p90_ms")),
+                fmt_ms(st.get("p99_ms")),
+                _fmt(b.get("throughput"), ".1f"),
+                status,
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "variant",
+    "chain",
+    "size MB",
+    "mean cos",
+    "min cos",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "items/s",
+    "status",
+]
+
+
+def render_md(report: Mapping[str, Any]) -> str:
+    env = report.get("environment", {})
+    t = report.get("target") or {}
+    lines = [f"# deployopt report: {report['source']}", ""]
+    lines.append(
+        f"- task: {report['task']}; created {report['created']}, deployopt "
+        f"{report['deployopt_version']}"
+    )
+    if t:
+        spec = report.get("bench_spec") or {}
+        lines.append(
+            f"- target: {t.get('name')} ({t.get('ep')}, {t.get('threads') or 'all'} "
+            f"threads); batch {spec.get('batch')} x seq {spec.get('seq')}"
+        )
+    lines.append(
+        f"- machine: {env.get('cpu', '?')} ({env.get('cpu_flags', '')}), "
+        f"{env.get('cores', '?')} cores" + (f", GPU {env['gpu']}" if "gpu" in env else "")
+    )
+    lines.append(
+        f"- versions: onnxruntime {env.get('onnxruntime', '?')}, onnx "
+        f"{env.get('onnx', '?')}, torch {env.get('torch', '-')}"
+    )
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    ch = report.get("choice")
+    if ch:
+        lines += [""]
+        if ch.get("winner"):
+            lines.append(
+                f"**Chosen: {ch['winner']}** → `{ch.get('best_path')}` "
+                f"(fastest on {ch.get('metric', 'p50')} meeting the constraints)"
+            )
+        else:
+            lines.append("**No variant qualifies.**")
+        lines.append(
+            f"Pareto front (latency, cosine, size): {', '.join(ch.get('pareto', [])) or '-'}"
+        )
+        if ch.get("rejected"):
+            lines += ["", "Rejected:"]
+            lines += [f"- {k}: {why}" for k, why in ch["rejected"].items()]
+    failed = [v for v in report["variants"] if v["status"] != "ok"]
+    if failed:
+        lines += ["", "Variants not built or failed:"]
+        lines += [f"- {v['name']} ({v['status']}): {v['reason']}" for v in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(report: Mapping[str, Any]) -> dict[str, str]:
+    """PNG data URIs: latency vs accuracy with the Pareto front; latency distributions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    ch = report.get("choice") or {}
+    pareto = set(ch.get("pareto", []))
+    pts = []
+    for v in report["variants"]:
+        b = _first_bench(v)
+        p = v.get("parity") or {}
+        if b and b.get("stats") and p.get("mean_cosine") is not None:
+            pts.append((v["name"], b["stats"]["p50_ms"], p["mean_cosine"]))
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, ms, cos in pts:
+            on = name in pareto
+            ax.scatter(
+                ms,
+                cos,
+                s=70 if on else 40,
+                marker="*" if on else "o",
+                color="tab:red"
+                if name == ch.get("winner")
+                else ("tab:orange" if on else "tab:blue"),
+                zorder=3,
+            )
+            ax.annotate(name, (ms, cos), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = sorted((ms, cos) for name, ms, cos in pts if name in pareto)
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="tab:orange", lw=1, label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel("p50 latency (ms)")
+        ax.set_ylabel("mean cosine vs fp32")
+        ax.set_title("latency vs accuracy")
+        ax.grid(alpha=0.3)
+        out["latency_vs_accuracy"] = _png(fig)
+        plt.close(fig)
+    dists = [
+        (v["name"], _first_bench(v)["samples_ms"])
+        for v in report["variants"]
+        if _first_bench(v) and _first_bench(v).get("samples_ms")
+    ]
+    if dists:
+        fig, ax = plt.subplots(figsize=(6.4, 0.5 + 0.45 * len(dists)))
+        ax.boxplot([d for _, d in dists], vert=False, showfliers=True)
+        ax.set_yticks(range(1, len(dists) + 1), [n for n, _ in dists])
+        ax.set_xlabel("latency per run (ms)")
+        ax.set_title("latency distributions")
+        ax.grid(alpha=0.3, axis="x")
+        out["latency_distributions"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    md = render_md(report)
+    imgs = plots(report)
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(c.replace('**', ''))}</td>" for c in r) + "</tr>"
+        for r in table_rows(report)
+    )
+    intro = "".join(f"<li>{esc(ln[2:])}</li>" for ln in md.splitlines()[2:6] if ln.startswith("- "))
+    ch = report.get("choice") or {}
+    chosen = (
+        (
+            f"<p><b>Chosen: {esc(ch['winner'])}</b> → <code>{esc(str(ch.get('best_path')))}"
+            f"</code></p>"
+        )
+        if ch.get("winner")
+        else "<p><b>No variant qualifies.</b></p>"
+    )
+    rejected = "".join(
+        f"<li>{esc(k)}: {esc(v)}</li>" for k, v in (ch.get("rejected") or {}).items()
+    )
+    figures = "".join(
+        f'<figure><img alt="{esc(k)}" src="{v}"><figcaption>{esc(k)}</figcaption></figure>'
+        for k, v in imgs.items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>deployopt report: {esc(report["source"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:nth-child(1), td:nth-child(2), td:nth-child(10) {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1em; }}
+</style></head><body>
+<h1>deployopt report</h1>
+<p>{esc(report["source"])}</p>
+<ul>{intro}</ul>
+{chosen}
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Rejected</h2><ul>{rejected or "<li>none</li>"}</ul>
+<h2>Plots</h2>
+{figures or "<p>no benchmark results to plot</p>"}
+</body></html>
+"""
+
+
+def write_all(out: Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    """Write report.json, report.md and report.html atomically."""
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    write_json(paths["json"], report)
+    write_text(paths["md"], render_md(report))
+    write_text(paths["html"], render_html(report))
+    return paths

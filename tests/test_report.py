@@ -1,0 +1,242 @@
+"""Report on synthetic results (schema, HTML plots, no external URL), and optimize end to end:
+bench -> select -> best.onnx -> report on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+
+from deployopt import report
+from deployopt.benchmark import LatencyStats
+
+
+def _bench(ms: float, valid: bool = True, n: int = 40) -> dict:
+    rng = np.random.default_rng(int(ms * 10))
+    samples = list(ms + rng.gamma(2.0, 0.05 * ms, size=n))
+    return {
+        "name": "x",
+        "model": "m.onnx",
+        "target": "cpu",
+        "providers": ["CPUExecutionProvider"],
+        "shapes": {"x": [1, 16]},
+        "cold_ms": 12.0,
+        "samples_ms": samples if valid else [],
+        "stats": LatencyStats.from_samples(samples).to_json() if valid else None,
+        "throughput": 1e3 / ms if valid else None,
+        "peak_rss_mb": 80.0,
+        "env": {"cpu": "test cpu", "cores": "2"},
+        "node_providers": {},
+        "invalid": [] if valid else ["requested CUDAExecutionProvider but ..."],
+        "valid": valid,
+    }
+
+
+def _variant(vid, name, parent, cos, mb, status="ok", reason=""):
+    parity = (
+        None
+        if cos is None
+        else {"mean_cosine": cos, "min_cosine": cos - 0.01, "max_abs_diff": 0.1, "samples": 10}
+    )
+    return {
+        "id": vid,
+        "name": name,
+        "stage": name,
+        "parent": parent,
+        "status": status,
+        "reason": reason,
+        "warnings": [],
+        "path": f"variants/{vid}/model.onnx" if status == "ok" else None,
+        "size_bytes": int(mb * 1e6) if mb else None,
+        "parity": parity,
+        "params": {},
+        "metrics": {},
+    }
+
+
+def synthetic(winner: str | None = "int8-dynamic") -> dict:
+    variants = [
+        _variant("a", "fp32", None, None, 90),
+        _variant("b", "fuse", "a", 1.0, 90),
+        _variant("c", "int8-dynamic", "a", 0.993, 23),
+        _variant("d", "int8-static", "a", 0.95, 80),
+        _variant("e", "fp16", "b", None, None, status="failed", reason="parity failed"),
+    ]
+    bench = {"fp32": [_bench(18.0)], "fuse": [_bench(17.0)], "int8-dynamic": [_bench(8.6)]}
+    bench["int8-static"] = [_bench(15.0, valid=False)]
+    choice = {
+        "winner": winner,
+        "ranked": [winner, "fuse", "fp32"] if winner else [],
+        "rejected": {"int8-static": "benchmark invalid: fell back", "fp16": "variant failed"},
+        "pareto": ["int8-dynamic", "fuse"],
+        "metric": "p50",
+        "best_path": "best.onnx" if winner else None,
+    }
+    return report.build(
+        source="tests:model",
+        task="feature-extraction",
+        config={"variants": ["fuse"]},
+        environment={"cpu": "test cpu", "cores": "2", "onnxruntime": "1.0"},
+        target={"name": "cpu", "ep": "cpu", "threads": 2},
+        bench_spec={"batch": 1, "seq": 128},
+        constraints={"min_cosine": 0.99},
+        data={},
+        variants=variants,
+        bench=bench,
+        choice=choice,
+    )
+
+
+def test_report_json_validates_against_its_schema():
+    doc = json.loads(json.dumps(synthetic()))
+    jsonschema.validate(doc, report.schema())
+    assert [v["chain"] for v in doc["variants"]][-1] == ["fp32", "fuse", "fp16"]
+    broken = json.loads(json.dumps(doc))
+    broken["variants"][1]["bench"][0]["stats"]["samples"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, report.schema())
+
+
+def test_html_is_self_contained_with_both_plots():
+    page = report.render_html(synthetic())
+    imgs = re.findall(
+        r'<img alt="([a-z_]+)" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page
+    )
+    assert imgs == ["latency_vs_accuracy", "latency_distributions"]
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert refs and all(r.startswith("data:") for r in refs)
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "http" not in text and "//" not in text and "@import" not in text
+    assert "<b>Chosen: int8-dynamic</b>" in page
+    assert "int8-static: benchmark invalid: fell back" in page
+
+
+def test_markdown_table_and_no_winner():
+    md = report.render_md(synthetic())
+    header = next(ln for ln in md.splitlines() if ln.startswith("| variant"))
+    assert header.split(" | ")[1:5] == ["chain", "size MB", "mean cos", "min cos"]
+    row = next(ln for ln in md.splitlines() if ln.startswith("| int8-dynamic "))
+    assert "**chosen**" in row and "fp32 > int8-dynamic" in row
+    assert "bench invalid" in next(ln for ln in md.splitlines() if ln.startswith("| int8-static"))
+    none = report.render_md(synthetic(winner=None))
+    assert "**No variant qualifies.**" in none and "**chosen**" not in none
+
+
+def test_report_without_bench_results_renders():
+    doc = synthetic()
+    for v in doc["variants"]:
+        v["bench"] = []
+    doc["choice"] = None
+    jsonschema.validate(json.loads(json.dumps(doc)), report.schema())
+    page = report.render_html(doc)
+    assert "no benchmark results to plot" in page and "data:image" not in page
+
+
+FAST = {"bench_min_samples": 5, "bench_min_seconds": 0.0, "bench_rounds": 1}
+
+
+def test_optimize_ends_with_best_onnx_and_reports(tmp_path):
+    import deployopt
+
+    out = tmp_path / "out"
+    logs = []
+    res = deployopt.optimize(
+        "tests.models:mlp",
+        out,
+        input_shapes={"x": (1, 16)},
+        variants=["fuse", "int8-dynamic"],
+        bench_batches=(1, 4),
+        log=logs.append,
+        **FAST,
+    )
+    ch = res.choice
+    assert ch.winner is not None and res.best == out / "best.onnx"
+    winner = res.by_name(ch.winner.name)
+    assert (out / "best.onnx").read_bytes() == winner.path.read_bytes()
+    onnx.checker.check_model(str(out / "best.onnx"))
+    assert set(res.bench) == {"fp32", "fuse", "int8-dynamic"}
+    assert all([r.batch for r in rs] == [1, 4] for rs in res.bench.values())
+    assert all(r.valid for rs in res.bench.values() for r in rs)
+    # the winner is the fastest qualifying one on p50 at the first batch size
+    p50 = {c.name: c.latency_ms for c in ch.ranked}
+    assert ch.winner.latency_ms == min(p50.values())
+    assert any(m.startswith("chosen: ") for m in logs)
+    doc = json.loads((out / "report.json").read_text())
+    jsonschema.validate(doc, report.schema())
+    assert doc["choice"]["winner"] == ch.winner.name
+    assert doc["environment"]["target"] == "cpu" and doc["target"]["ep"] == "cpu"
+    assert "data:image/png" in (out / "report.html").read_text()
+    assert f"**Chosen: {ch.winner.name}**" in (out / "report.md").read_text()
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_no_viable_variant_removes_stale_best(tmp_path):
+    import deployopt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.onnx").write_bytes(b"stale")
+    res = deployopt.optimize(
+        "tests.models:mlp",
+        out,
+        input_shapes={"x": (1, 16)},
+        variants=["int8-dynamic"],
+        max_size_mb=1e-6,
+        **FAST,
+    )
+    assert res.choice.winner is None and res.best is None
+    assert not (out / "best.onnx").exists()
+    assert all(why.startswith("size ") for why in res.choice.rejected.values())
+    assert "**No variant qualifies.**" in (out / "report.md").read_text()
+
+
+def test_write_best_carries_external_data(tmp_path):
+    from deployopt.ship import write_best
+    from deployopt.stages.base import EXTERNAL_DATA_FILE
+    from tests.models import tiny_onnx_model
+
+    src = tmp_path / "v"
+    src.mkdir()
+    model = tiny_onnx_model()
+    onnx.save_model(
+        model,
+        str(src / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=0,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    best = write_best(out, src / "model.onnx")
+    assert (out / "best.onnx.data").exists()
+    loaded = onnx.load(str(best))
+    ext = [i for i in loaded.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert ext == []  # loaded with its data from best.onnx.data
+    got = onnx.numpy_helper.to_array(loaded.graph.initializer[0])
+    want = onnx.numpy_helper.to_array(tiny_onnx_model().graph.initializer[0])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cli_no_variant_qualifies_exits_6_with_reasons(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "deployopt", "optimize", "tests.models:mlp"]
+        + ["--input-shape", "x=1x16", "-o", str(tmp_path / "o"), "--variants", "int8-dynamic"]
+        + ["--bench-samples", "5", "--bench-seconds", "0", "--rounds", "1"]
+        + ["--max-latency-ms", "0.000001"],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": "."},
+    )
+    assert r.returncode == 6, r.stderr
+    assert "error: no variant meets the constraints" in r.stderr
+    assert "int8-dynamic: p50 " in r.stderr and "> budget 1e-06 ms" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "o" / "report.html").exists() and not (tmp_path / "o" / "best.onnx").exists()
