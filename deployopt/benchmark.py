@@ -107,6 +107,20 @@ class BenchSpec:
     rounds: int = 3
 
 
+DRIFT_WARN = 0.10  # round medians further apart than this: the machine drifted
+
+
+def drift_warnings(results: Sequence[BenchResult]) -> list[str]:
+    """One line per result whose rounds disagree by more than DRIFT_WARN."""
+    return [
+        f"{r.name}: round medians varied by {r.drift:.0%} "
+        f"({min(r.round_p50_ms):.3g}-{max(r.round_p50_ms):.3g} ms): the machine drifted; "
+        "compare models within this run, not absolute numbers across runs"
+        for r in results
+        if r.drift is not None and r.drift > DRIFT_WARN
+    ]
+
+
 @dataclass(frozen=True)
 class BenchResult:
     name: str
@@ -122,10 +136,19 @@ class BenchResult:
     env: Mapping[str, str]
     node_providers: Mapping[str, int] = field(default_factory=dict)
     invalid: tuple[str, ...] = ()
+    round_p50_ms: tuple[float, ...] = ()  # the median of each interleaved round
 
     @property
     def valid(self) -> bool:
         return not self.invalid and self.stats is not None
+
+    @property
+    def drift(self) -> float | None:
+        """How far apart the rounds' medians are (max/min - 1): the machine's own drift while
+        this model was measured. Large drift means absolute numbers will not repeat across
+        runs; ratios between models of the same interleaved run still hold."""
+        r = self.round_p50_ms
+        return max(r) / min(r) - 1 if len(r) > 1 and min(r) > 0 else None
 
     @property
     def batch(self) -> int:
@@ -135,6 +158,7 @@ class BenchResult:
         d = asdict(self)
         d["stats"] = self.stats.to_json() if self.stats else None
         d["valid"] = self.valid
+        d["drift"] = self.drift
         return d
 
 
@@ -195,6 +219,7 @@ def _serve(conn, path: str, target: Target, spec: BenchSpec) -> None:
             provider=target.ep,
             threads=target.threads,
             optimization=target.graph_optimization,
+            session_config=target.session_config,
         )
         run = rs.runner(sess, feeds, device_io=target.io_binding and not target.include_copies)
         run()
@@ -265,6 +290,7 @@ class BenchWorker:
         child.close()
         self.info: dict = {}
         self.samples: list[float] = []
+        self.round_p50: list[float] = []
         self.peak_rss_mb: float | None = None
         self.errors: list[str] = []
 
@@ -311,6 +337,7 @@ class BenchWorker:
             self.errors.append(f"measuring: {e}")
             return
         self.samples += got["samples"]
+        self.round_p50.append(float(np.median(got["samples"])))
         self.peak_rss_mb = got["peak_rss_mb"]
 
     def close(self) -> None:
@@ -346,6 +373,7 @@ class BenchWorker:
             env=env,
             node_providers=self.info.get("node_providers", {}),
             invalid=invalid,
+            round_p50_ms=tuple(self.round_p50),
         )
 
 
@@ -400,6 +428,7 @@ def fingerprint(target: Target | None = None) -> dict[str, str]:
             threads=str(target.threads or "all"),
             graph_optimization=target.graph_optimization,
         )
+        env.update({f"session:{k}": str(v) for k, v in target.session_config.items()})
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read().splitlines()

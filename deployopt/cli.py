@@ -105,7 +105,10 @@ def optimize(
         typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run."),
     ] = False,
     threads: Annotated[
-        int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")
+        int | None,
+        typer.Option(
+            help="onnxruntime intra-op threads for parity and the benchmark (default: all cores)."
+        ),
     ] = None,
     calibration_samples: Annotated[
         int, typer.Option(help="Most samples used to calibrate static INT8.")
@@ -445,10 +448,21 @@ def _target_of(results) -> str:
 def _print_bench(results, tgt) -> None:
     from rich.table import Table
 
+    from deployopt.benchmark import drift_warnings
     from deployopt.report import fmt_ms
 
     t = Table(title=f"on {tgt}")
-    cols = ("model", "shape", "p50 ms", "p50 95% CI", "p90 ms", "p99 ms", "cold ms", "items/s")
+    cols = (
+        "model",
+        "shape",
+        "p50 ms",
+        "p50 95% CI",
+        "p90 ms",
+        "p99 ms",
+        "drift",
+        "cold ms",
+        "items/s",
+    )
     for col in cols:
         t.add_column(col, justify="left" if col in ("model", "shape") else "right")
     for r in results:
@@ -460,7 +474,7 @@ def _print_bench(results, tgt) -> None:
         )
         s = r.stats
         if s is None:
-            t.add_row(r.name, label, "[red]INVALID[/]", "", "", "", "", "")
+            t.add_row(r.name, label, "[red]INVALID[/]", "", "", "", "", "", "")
             continue
         t.add_row(
             r.name,
@@ -469,10 +483,13 @@ def _print_bench(results, tgt) -> None:
             f"{fmt_ms(s.p50_ci_low_ms)}-{fmt_ms(s.p50_ci_high_ms)}",
             fmt_ms(s.p90_ms),
             fmt_ms(s.p99_ms),
+            f"{r.drift:.0%}" if r.drift is not None else "-",
             f"{r.cold_ms:.0f}" if r.cold_ms else "-",
             f"{r.throughput:.1f}",
         )
     console.print(t)
+    for w in drift_warnings(results):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for r in results:
         if r.invalid:
             console.print(f"[red]INVALID[/] {r.name}: {'; '.join(r.invalid)}", highlight=False)
@@ -530,6 +547,10 @@ def _print_table(result) -> None:
     console.print(t)
     for n in notes:
         console.print(f"  {n}", highlight=False, soft_wrap=True)
+    from deployopt.benchmark import drift_warnings
+
+    for w in drift_warnings([rs[0] for rs in result.bench.values() if rs]):
+        console.print(f"  [yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     ch = result.choice
     if ch is not None:
         for name, why in ch.rejected.items():

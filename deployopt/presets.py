@@ -7,6 +7,7 @@ TOML config file::
     ep = "cpu"
     threads = 2
     graph_optimization = "all"
+    session_config = { "session.intra_op.allow_spinning" = "0" }
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Target(BaseModel):
     graph_optimization: str = Field("all", pattern="^(all|basic|disable)$")
     io_binding: bool = True  # device-resident inputs/outputs on GPU EPs: copies not timed
     include_copies: bool = False  # time host<->device copies too
+    # onnxruntime session config entries, e.g. {"session.intra_op.allow_spinning" = "0"}
+    session_config: dict[str, str] = Field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.name} ({self.ep}, {self.threads or 'all'} threads)"

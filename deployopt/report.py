@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from deployopt.benchmark import DRIFT_WARN
 from deployopt.workspace import write_json, write_text
 
 SCHEMA_ID = "deployopt.report/1"
@@ -170,6 +171,19 @@ def render_md(report: Mapping[str, Any]) -> str:
         if ch.get("rejected"):
             lines += ["", "Rejected:"]
             lines += [f"- {k}: {why}" for k, why in ch["rejected"].items()]
+    drifted = [
+        (v["name"], b["drift"])
+        for v in report["variants"]
+        for b in v.get("bench", [])[:1]
+        if b.get("drift") is not None and b["drift"] > DRIFT_WARN
+    ]
+    if drifted:
+        lines += [
+            "",
+            f"Machine drift (round medians more than {DRIFT_WARN:.0%} apart; compare models "
+            "within this run, not absolute numbers across runs):",
+        ]
+        lines += [f"- {n}: {d:.0%}" for n, d in drifted]
     failed = [v for v in report["variants"] if v["status"] != "ok"]
     if failed:
         lines += ["", "Variants not built or failed:"]

@@ -112,8 +112,22 @@ def test_bench_models_reports_real_measurements(mlp_onnx):
         assert r.throughput == pytest.approx(4 / (r.stats.p50_ms / 1e3))
         assert r.cold_ms > 0 and r.peak_rss_mb > 0
         assert r.env["onnxruntime"] and r.env["cores"] and r.env["threads"] == "1"
+        assert len(r.round_p50_ms) == FAST.rounds and r.drift >= 0
         doc = json.loads(json.dumps(r.to_json()))
         assert doc["valid"] is True and doc["stats"]["samples"] == len(r.samples_ms)
+
+
+def test_target_session_settings_are_used_and_recorded(mlp_onnx):
+    tgt = Target(
+        name="quiet",
+        threads=1,
+        graph_optimization="disable",
+        session_config={"session.intra_op.allow_spinning": "0"},
+    )
+    r = bench_models({"m": str(mlp_onnx)}, tgt, FAST)["m"]
+    assert r.valid and r.target == "quiet"
+    assert r.env["session:session.intra_op.allow_spinning"] == "0"
+    assert r.env["graph_optimization"] == "disable" and r.env["threads"] == "1"
 
 
 def test_missing_ep_is_invalid_with_the_reason(mlp_onnx):
@@ -197,9 +211,13 @@ def test_targets_from_toml_and_their_errors(tmp_path):
     from deployopt.presets import load_targets, resolve_target
 
     cfg = tmp_path / "targets.toml"
-    cfg.write_text('[targets.edge-2t]\nep = "cpu"\nthreads = 2\ngraph_optimization = "basic"\n')
+    cfg.write_text(
+        '[targets.edge-2t]\nep = "cpu"\nthreads = 2\ngraph_optimization = "basic"\n'
+        'session_config = { "session.intra_op.allow_spinning" = "0" }\n'
+    )
     t = resolve_target("edge-2t", None, None, cfg)
     assert (t.name, t.ep, t.threads, t.graph_optimization) == ("edge-2t", "cpu", 2, "basic")
+    assert t.session_config == {"session.intra_op.allow_spinning": "0"}
     assert set(load_targets(cfg)) == {"cpu", "cpu-1t", "cuda", "edge-2t"}
     assert resolve_target("cpu-1t", None, None).threads == 1
     assert resolve_target(None, "cuda", 4).name == "cuda-4t"
@@ -218,3 +236,29 @@ def test_targets_from_toml_and_their_errors(tmp_path):
         load_targets(cfg)
     with pytest.raises(ConfigError, match="no such config file"):
         load_targets(tmp_path / "missing.toml")
+
+
+def test_drift_of_round_medians_warns_past_ten_percent():
+    from deployopt.benchmark import BenchResult, drift_warnings
+
+    def res(name, rounds):
+        return BenchResult(
+            name=name,
+            model="m",
+            target="cpu",
+            providers=(),
+            shapes={},
+            cold_ms=None,
+            samples_ms=(),
+            stats=None,
+            throughput=None,
+            peak_rss_mb=None,
+            env={},
+            round_p50_ms=rounds,
+        )
+
+    steady, drifting, single = res("a", (10.0, 10.5, 10.2)), res("b", (8.0, 12.0)), res("c", (9.0,))
+    assert steady.drift == pytest.approx(0.05) and drifting.drift == pytest.approx(0.5)
+    assert single.drift is None
+    (w,) = drift_warnings([steady, drifting, single])
+    assert w.startswith("b: round medians varied by 50% (8-12 ms)")

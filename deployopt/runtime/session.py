@@ -56,10 +56,12 @@ def create_session(
     provider: str = "cpu",
     threads: int | None = None,
     optimization: str = "all",
+    session_config: dict[str, str] | None = None,
 ):
     """An InferenceSession on one EP (CPU as the fallback for unsupported nodes).
 
-    ``optimization``: ``all`` (ORT default), ``basic`` or ``disable``.
+    ``optimization``: ``all`` (ORT default), ``basic`` or ``disable``; ``session_config``:
+    onnxruntime session config entries (``session.intra_op.allow_spinning``, ...).
     """
     rt = ort()
     so = rt.SessionOptions()
@@ -73,6 +75,8 @@ def create_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    for key, value in (session_config or {}).items():
+        so.add_session_config_entry(key, str(value))
     full = resolve_provider(provider)
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     try:
