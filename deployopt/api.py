@@ -79,13 +79,16 @@ def bench(
     rounds: int = 3,
     include_copies: bool = False,
     timeout_s: float = 600.0,
+    history: str | Path | bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Measure one or more ``.onnx`` models on a target, interleaved, each in its own worker.
 
     Returns one :class:`~deployopt.benchmark.BenchResult` per model and batch size, in that order.
     A result whose provider fell back, whose worker crashed or hung is returned with
-    ``valid == False`` and the reason in ``invalid``; nothing is raised for it.
+    ``valid == False`` and the reason in ``invalid``; nothing is raised for it. Every result
+    is appended to the history database (``history``: a path, ``None`` for the default
+    ``.deployopt/history.sqlite`` or ``$DEPLOYOPT_HISTORY``, ``False`` for none).
 
     >>> [r.stats.p50_ms for r in bench("model.onnx", batch=[1, 8])]  # doctest: +SKIP
     """
@@ -109,6 +112,7 @@ def bench(
         raise UsageError(f"bad batch sizes {batches}", hint="use positive integers, e.g. 1,8,32")
     if min_samples < 1 or min_seconds < 0 or rounds < 1:
         raise UsageError("min_samples and rounds must be >= 1, min_seconds >= 0")
+    db = _history(history)  # a bad database fails before anything is measured
     names = unique_names(paths)
     fixed = tuple((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items())
     results: list[BenchResult] = []
@@ -129,6 +133,8 @@ def bench(
             timeout_s=timeout_s,
         )
         results += list(res.values())
+        for path, r in zip(paths, res.values()):
+            record_results(db, "bench", path, [r])
     return results
 
 
@@ -138,3 +144,200 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def _history(history: str | Path | bool | None):
+    """``None``: the default database; ``False``: none; a path: that one."""
+    if history is False:
+        return None
+    from deployopt.history import History
+
+    return History(None if history in (None, True) else Path(history))
+
+
+def record_results(
+    history,
+    kind: str,
+    model: Path,
+    results: Sequence[BenchResult],
+    verdict: str | None = None,
+    name: str | None = None,
+) -> None:
+    """Append ``results`` of ``model`` to the history database (if any)."""
+    if history is None or not results:
+        return
+    from deployopt.gating import identify
+    from deployopt.history import git_commit
+
+    ident = identify(model, name)
+    commit = git_commit()
+    for r in results:
+        history.record(
+            kind=kind,
+            model_name=ident.name,
+            model_path=str(Path(model).resolve()),
+            model_sha256=ident.sha256,
+            lineage=ident.lineage,
+            result=r.to_json(),
+            verdict=verdict,
+            commit=commit,
+        )
+
+
+def gate(
+    model: str | Path | None = None,
+    *,
+    report: str | Path | None = None,
+    variant: str | None = None,
+    budget: str | Path | None = None,
+    limits: dict[str, float] | None = None,
+    target: str | None = None,
+    config: str | Path | None = None,
+    batch: int = 1,
+    seq: int = 128,
+    reference: str | Path | None = None,
+    baseline: str | Path | None = None,
+    max_slowdown: float = 0.05,
+    processes: int = 3,
+    min_samples: int = 60,
+    min_seconds: float = 3.0,
+    rounds: int = 3,
+    timeout_s: float = 600.0,
+    name: str | None = None,
+    history: str | Path | bool | None = None,
+    log: Callable[[str], None] | None = None,
+):
+    """Judge ``model`` (measured now) or a recorded ``report`` against budgets, and/or compare
+    ``model`` with a ``baseline`` (.onnx, measured in the same job, or ``"last-pass"`` from the
+    history). Returns a :class:`~deployopt.judge.GateResult`; its ``verdict.exit_code`` is what
+    the CLI exits with.
+
+    ``limits``: one budget from keyword limits (``p50_ms``, ``p99_ms``, ``min_throughput``,
+    ``max_size_mb``, ``min_cosine``, ...) on ``target``/``batch``/``seq``.
+
+    >>> g = gate("best.onnx", limits={"p50_ms": 12}, target="cpu")  # doctest: +SKIP
+    >>> g.verdict  # doctest: +SKIP
+    <Verdict.PASS: 'PASS'>
+    """
+    from pydantic import ValidationError
+
+    from deployopt import gating
+    from deployopt.benchmark import fingerprint
+    from deployopt.config import first_error
+    from deployopt.errors import ConfigError, UsageError
+    from deployopt.judge import Budget, GateResult, load_budgets, overall
+    from deployopt.presets import load_targets
+    from deployopt.sources import read_onnx
+
+    log = log or (lambda s: None)
+    if (model is None) == (report is None):
+        raise UsageError("give either MODEL.onnx (measured now) or --report REPORT.json")
+    budgets = load_budgets(Path(budget)) if budget else []
+    if target is not None:
+        budgets = [b for b in budgets if b.target == target]
+    if limits:
+        try:
+            budgets.append(Budget(target=target or "cpu", batch=batch, seq=seq, **limits))
+        except ValidationError as e:
+            raise ConfigError(first_error(e)) from None
+    if not budgets and baseline is None:
+        raise UsageError(
+            "nothing to judge",
+            hint="give --budget FILE, a limit (--p50-ms, --max-size-mb, ...) or --baseline",
+        )
+    targets = {
+        **load_targets(Path(config) if config else None),
+        **(load_targets(Path(budget)) if budget else {}),
+    }
+    db = _history(history)
+    if report is not None:
+        if baseline is not None:
+            raise UsageError("--baseline needs a model measured now, not --report")
+        checks, judged, results = gating.judge_report(Path(report), budgets, variant)
+        env = next((r.get("env", {}) for r in results), {})
+        return GateResult(
+            model=f"{report} ({judged})",
+            checks=checks,
+            verdict=overall(checks),
+            environment=dict(env),
+            results=results,
+            mode="report",
+        )
+
+    model = Path(model)
+    read_onnx(model)
+    checks, measured = gating.measure_budgets(
+        model,
+        budgets,
+        targets,
+        min_samples=min_samples,
+        min_seconds=min_seconds,
+        rounds=rounds,
+        reference=Path(reference) if reference else None,
+        timeout_s=timeout_s,
+        log=log,
+    )
+    baseline_results: list[BenchResult] = []
+    tgt = targets.get(target or "cpu")
+    if baseline is not None:
+        if tgt is None:
+            raise UsageError(f"unknown target {target!r}", hint=", ".join(sorted(targets)))
+        from deployopt.benchmark import BenchSpec
+
+        spec = BenchSpec(
+            batch=batch,
+            seq=seq,
+            min_samples=min_samples,
+            min_seconds=min_seconds,
+            rounds=max(rounds, 6),
+        )
+        if str(baseline) == "last-pass":
+            ident = gating.identify(model, name)
+            rec = db.last_pass(ident.name, tgt.name, batch) if db else None
+            if rec is None:
+                from deployopt.judge import judge_regression
+
+                where = db.path if db else "history (disabled)"
+                checks.append(
+                    judge_regression(
+                        f"{tgt.name} batch {batch} vs last-pass",
+                        None,
+                        max_slowdown,
+                        f"no passing gate result of {ident.name!r} on {tgt.name} at batch "
+                        f"{batch} in {where}",
+                    )
+                )
+            else:
+                check, new_results = gating.regression_vs_samples(
+                    model,
+                    rec.samples_ms,
+                    f"last-pass #{rec.id} ({rec.created[:19]})",
+                    tgt,
+                    spec,
+                    max_slowdown,
+                    timeout_s,
+                    log,
+                )
+                checks.append(check)
+                measured += new_results
+        else:
+            read_onnx(Path(baseline))
+            check, res = gating.regression(
+                model, Path(baseline), tgt, spec, max_slowdown, processes, timeout_s, log
+            )
+            checks.append(check)
+            measured += [r for r in res if r.name == "new"]
+            baseline_results = [r for r in res if r.name == "baseline"]
+    verdict = overall(checks)
+    record_results(db, "gate", model, measured, verdict.value, name)
+    if baseline_results:
+        record_results(db, "bench", Path(baseline), baseline_results)
+    env = measured[0].env if measured else fingerprint(tgt)
+    return GateResult(
+        model=str(model),
+        checks=checks,
+        verdict=verdict,
+        environment=dict(env),
+        results=[r.to_json() for r in measured + baseline_results],
+        mode="regression" if baseline is not None else "measure",
+    )

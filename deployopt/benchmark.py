@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from deployopt.presets import Target
+from deployopt.stats import quantile_ci
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class LatencyStats:
     mean_ms: float
     stdev_ms: float
     min_ms: float
-    p50_ci_low_ms: float  # 95% confidence interval of the median (order statistics)
+    p50_ci_low_ms: float  # 95% CI of the median (order statistics; min-max under 4 samples)
     p50_ci_high_ms: float
 
     @classmethod
@@ -37,7 +38,7 @@ class LatencyStats:
         if a.size == 0:
             raise ValueError("no samples")
         p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
-        lo, hi = median_ci(a)
+        lo, hi = quantile_ci(a, 0.5) or (float(a[0]), float(a[-1]))
         return cls(
             samples=int(a.size),
             p50_ms=float(p50),
@@ -56,16 +57,6 @@ class LatencyStats:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def median_ci(sorted_samples: np.ndarray, z: float = 1.96) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median: the order statistics at ranks
-    n/2 -+ z*sqrt(n)/2 (normal approximation to the binomial)."""
-    n = sorted_samples.size
-    half = z * math.sqrt(n) / 2
-    lo = max(0, int(math.floor(n / 2 - half)))
-    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
-    return float(sorted_samples[lo]), float(sorted_samples[max(hi, lo)])
 
 
 def measure(
@@ -162,21 +153,30 @@ class BenchResult:
         return d
 
 
+def resolve_shapes(specs, spec: BenchSpec) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes: ``spec.shapes`` where given, else symbolic dims become the batch
+    (first dim) or the sequence length (any other)."""
+    overrides = dict(spec.shapes)
+    return {
+        s.name: tuple(overrides[s.name])
+        if s.name in overrides
+        else tuple(
+            d if isinstance(d, int) else (spec.batch if i == 0 else spec.seq)
+            for i, d in enumerate(s.shape)
+        )
+        for s in specs
+    }
+
+
 def bench_feeds(specs, spec: BenchSpec) -> dict[str, np.ndarray]:
     """Inputs for a signature: symbolic batch/sequence dims from the spec; text models get
     token ids drawn from the ordinary-word range of a BERT vocabulary, [CLS]/[SEP] at the ends,
     a full attention mask."""
-    overrides = dict(spec.shapes)
     rng = np.random.default_rng(0)
     feeds = {}
+    shapes = resolve_shapes(specs, spec)
     for s in specs:
-        if s.name in overrides:
-            shape = tuple(overrides[s.name])
-        else:
-            shape = tuple(
-                d if isinstance(d, int) else (spec.batch if i == 0 else spec.seq)
-                for i, d in enumerate(s.shape)
-            )
+        shape = shapes[s.name]
         dt = np.dtype(s.dtype)
         if s.name == "input_ids":
             a = rng.integers(1996, 20000, size=shape)

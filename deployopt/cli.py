@@ -39,6 +39,15 @@ err_console = Console(stderr=True, width=_width(sys.stderr))
 console = Console(width=_width(sys.stdout))
 _state = {"verbose": False}
 
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds before a hung measurement is killed.")]
+HistoryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Results database (default .deployopt/history.sqlite or $DEPLOYOPT_HISTORY)."
+    ),
+]
+NoHistoryOpt = Annotated[bool, typer.Option("--no-history", help="Do not record the results.")]
+
 
 @app.callback()
 def _root(
@@ -394,9 +403,9 @@ def bench(
         Path | None,
         typer.Option("--json", help="Write the results (samples included) to this JSON file."),
     ] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds before a hung measurement is killed.")
-    ] = 600.0,
+    timeout: TimeoutOpt = 600.0,
+    history: HistoryOpt = None,
+    no_history: NoHistoryOpt = False,
 ) -> None:
     """Measure latency (p50/p90/p95/p99 with a CI of the median, cold start) and throughput.
 
@@ -423,6 +432,7 @@ def bench(
             rounds=rounds,
             include_copies=include_copies,
             timeout_s=timeout,
+            history=False if no_history else history,
             log=lambda m: status.update(m),
         )
     tgt = _target_of(results)
@@ -568,6 +578,254 @@ def _print_table(result) -> None:
     for kind, path in result.reports.items():
         console.print(f"report ({kind}): {path}", highlight=False)
     console.print(f"manifest: {result.manifest}")
+
+
+GATE_EPILOG = (
+    "Verdicts and exit codes: 0 PASS; 1 FAIL (a limit broken with confidence); "
+    "3 INCONCLUSIVE (the confidence interval straddles a limit: the machine was too noisy to "
+    "decide); 4 INVALID (EP fallback, crash, timeout, too few samples for the percentile, a "
+    "result from another target); 2 usage error. The worst check decides: FAIL > INVALID > "
+    "INCONCLUSIVE > PASS.\n\n"
+    "Examples:\n\n"
+    "  deployopt gate out/best.onnx --p50-ms 12 --p99-ms 30 --target cpu --junit gate.xml\n\n"
+    "  deployopt gate --report out/report.json --budget budgets.toml\n\n"
+    "  deployopt gate new.onnx --baseline old.onnx --max-slowdown 5%\n\n"
+    "  deployopt gate new.onnx --baseline last-pass --target cpu-1t\n\n"
+    "Budget file: [[budgets]] tables with target, batch, seq (or shape = { x = [1, 16] }), "
+    "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine; "
+    "[targets.NAME] tables as in --config."
+)
+
+
+@app.command(epilog=GATE_EPILOG)
+def gate(
+    model: Annotated[
+        Path | None, typer.Argument(help="The .onnx model to measure and judge now.")
+    ] = None,
+    budget: Annotated[
+        Path | None, typer.Option(help="TOML budget file ([[budgets]] tables).")
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Judge the results recorded in this report.json instead of measuring."),
+    ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(help="With --report: the variant to judge (default: the chosen one)."),
+    ] = None,
+    p50_ms: Annotated[
+        float | None, typer.Option("--p50-ms", help="Limit on p50 latency (ms).")
+    ] = None,
+    p90_ms: Annotated[
+        float | None, typer.Option("--p90-ms", help="Limit on p90 latency (ms).")
+    ] = None,
+    p95_ms: Annotated[
+        float | None, typer.Option("--p95-ms", help="Limit on p95 latency (ms).")
+    ] = None,
+    p99_ms: Annotated[
+        float | None, typer.Option("--p99-ms", help="Limit on p99 latency (ms).")
+    ] = None,
+    min_throughput: Annotated[
+        float | None, typer.Option(help="Least throughput (items/s at the median latency).")
+    ] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="Largest model size (MB).")] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(help="Least mean cosine to --reference (or, with --report, to fp32)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Target of the flag limits, and the only budgets judged (default cpu)."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with [targets.NAME].")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size of the flag limits and --baseline.")] = 1,
+    seq: Annotated[int, typer.Option(help="Sequence length for text models.")] = 128,
+    reference: Annotated[
+        Path | None, typer.Option(help="Reference .onnx for --min-cosine when measuring.")
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="OLD.onnx measured in the same job, interleaved, or 'last-pass' (the last "
+            "passing gate result of this model on this target, from the history)."
+        ),
+    ] = None,
+    max_slowdown: Annotated[
+        str, typer.Option(help="Slowdown vs --baseline that fails, e.g. 5%.")
+    ] = "5%",
+    processes: Annotated[
+        int, typer.Option(help="Worker process pairs for --baseline (order alternating).")
+    ] = 3,
+    min_samples: Annotated[
+        int, typer.Option(help="Least timed runs per measurement (raised for p99 budgets).")
+    ] = 60,
+    min_seconds: Annotated[float, typer.Option(help="Least timed seconds per measurement.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds per measurement.")] = 3,
+    junit: Annotated[
+        Path | None, typer.Option(help="Write JUnit XML (one testcase per check).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the verdict as JSON.")
+    ] = None,
+    markdown: Annotated[
+        Path | None,
+        typer.Option(help='Write a Markdown summary (e.g. "$GITHUB_STEP_SUMMARY").'),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model name in the history (default: from the file).")
+    ] = None,
+    history: HistoryOpt = None,
+    no_history: NoHistoryOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Fail a CI job when a model breaks its latency budget or regresses.
+
+    Measures MODEL.onnx (or reads --report) and judges every budget with a confidence
+    interval: FAIL only when a limit is broken with confidence, INCONCLUSIVE when the machine
+    was too noisy to decide. With --baseline, both models are measured interleaved in several
+    worker processes and the ratio of medians is tested (paired by round, bootstrap CI).
+    """
+    from deployopt import judge as g
+    from deployopt.api import gate as run_gate
+    from deployopt.workspace import write_json, write_text
+
+    limits = {
+        k: v
+        for k, v in dict(
+            p50_ms=p50_ms,
+            p90_ms=p90_ms,
+            p95_ms=p95_ms,
+            p99_ms=p99_ms,
+            min_throughput=min_throughput,
+            max_size_mb=max_size_mb,
+            min_cosine=min_cosine,
+        ).items()
+        if v is not None
+    }
+    with err_console.status("gate: measuring ...") as status:
+        result = run_gate(
+            model,
+            report=report,
+            variant=variant,
+            budget=budget,
+            limits=limits,
+            target=target,
+            config=config,
+            batch=batch,
+            seq=seq,
+            reference=reference,
+            baseline=baseline,
+            max_slowdown=g.parse_percent(max_slowdown),
+            processes=processes,
+            min_samples=min_samples,
+            min_seconds=min_seconds,
+            rounds=rounds,
+            timeout_s=timeout,
+            name=name,
+            history=False if no_history else history,
+            log=lambda m: status.update(m),
+        )
+    _print_checks(result)
+    if junit:
+        write_text(junit, g.junit_xml(result))
+    if json_out:
+        write_json(json_out, result.to_json())
+    if markdown:
+        write_text(markdown, g.markdown(result))
+    colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow", "INVALID": "magenta"}
+    err_console.print(
+        f"[bold {colour[result.verdict.value]}]{result.summary_line()}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(result.verdict.exit_code)
+
+
+def _print_checks(result) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"deployopt gate: {result.model}")
+    for col in ("budget", "check", "limit", "measured", "95% CI", "verdict"):
+        t.add_column(col, justify="right" if col in ("limit", "measured", "95% CI") else "left")
+    colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow", "INVALID": "magenta"}
+    for c in result.checks:
+        t.add_row(
+            c.budget,
+            c.metric,
+            f"{c.limit:.4g}",
+            f"{c.measured:.4g}" if c.measured is not None else "-",
+            f"{c.ci[0]:.4g}-{c.ci[1]:.4g}" if c.ci else "-",
+            f"[{colour[c.verdict.value]}]{c.verdict.value}[/]",
+        )
+    console.print(t)
+    for c in result.checks:
+        if c.verdict.value != "PASS":
+            console.print(
+                f"  {c.verdict.value} {c.budget} {c.metric}: {c.message}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@app.command(
+    "history",
+    epilog="Examples:\n\n  deployopt history --model best --target cpu --limit 20\n\n"
+    "  deployopt history --compare\n\n  deployopt history --model best --plot p50.png",
+)
+def history_cmd(
+    model: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
+    target: Annotated[str | None, typer.Option(help="Only this target.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only bench or gate results.")] = None,
+    batch: Annotated[int | None, typer.Option(help="Only this batch size.")] = None,
+    verdict: Annotated[
+        str | None, typer.Option(help="Only gate results with this verdict.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only results since this date (YYYY-MM-DD).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Most rows to list (newest first).")] = 30,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare", help="The latest p50 of each model on each target, side by side."
+        ),
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of p50 over time.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON.")] = None,
+    history: HistoryOpt = None,
+) -> None:
+    """List, filter and compare recorded bench and gate results across targets and over time."""
+    from dataclasses import asdict
+
+    from deployopt import history as hist
+    from deployopt.workspace import write_json
+
+    if kind is not None and kind not in ("bench", "gate"):
+        raise errors.UsageError(f"bad --kind {kind!r}", hint="bench or gate")
+    db = hist.History(history)
+    rows = db.query(
+        model=model,
+        target=target,
+        kind=kind,
+        batch=batch,
+        verdict=verdict.upper() if verdict else None,
+        since=since,
+    )
+    if not rows:
+        console.print(
+            f"no results in {db.path}"
+            + (" matching the filters" if any((model, target, kind, batch, verdict, since)) else "")
+        )
+        return
+    if compare:
+        hist.print_compare(console, rows)
+    else:
+        hist.print_rows(console, rows[:limit])
+    if plot:
+        hist.plot_p50(rows, plot)
+        console.print(f"plot: {plot}")
+    if json_out:
+        write_json(json_out, [asdict(r) for r in rows[:limit]])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,11 +83,29 @@ class OptimizeConfig(BaseModel):
         return v
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
+    import tomllib
+
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def first_error(e: ValidationError) -> str:
+    """A pydantic error as one line: ``field: message``."""
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
 def make_config(**kwargs: Any) -> OptimizeConfig:
     """Build an OptimizeConfig, turning validation errors into one-line ConfigErrors."""
     try:
         return OptimizeConfig(**{k: v for k, v in kwargs.items() if v is not None})
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        raise ConfigError(f"{where}: {err['msg']}") from None
+        raise ConfigError(first_error(e)) from None

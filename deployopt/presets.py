@@ -12,11 +12,11 @@ TOML config file::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deployopt.config import first_error, read_toml
 from deployopt.errors import ConfigError, UsageError
 
 
@@ -50,21 +50,14 @@ def load_targets(config: Path | None) -> dict[str, Target]:
     targets = dict(BUILTIN_TARGETS)
     if config is None:
         return targets
-    try:
-        data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{config}: no such config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config}: not valid TOML ({e})") from None
+    data = read_toml(Path(config))
     for name, body in (data.get("targets") or {}).items():
         if not isinstance(body, dict):
             raise ConfigError(f"{config}: [targets.{name}] must be a table")
         try:
             targets[name] = Target(name=name, **body)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            raise ConfigError(f"{config}: [targets.{name}] {where}: {err['msg']}") from None
+            raise ConfigError(f"{config}: [targets.{name}] {first_error(e)}") from None
     return targets
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# results history: never the repository's .deployopt/, one throwaway database per test session
+os.environ["DEPLOYOPT_HISTORY"] = os.path.join(
+    tempfile.mkdtemp(prefix="deployopt-test-history-"), "history.sqlite"
+)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +124,32 @@ def tiny_onnx_model():
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m deployopt ARGV`` from the repository root, offline, wide plain output;
+    the history database is the session's temporary one (conftest)."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="500",
+        NO_COLOR="1",
+        TERM="dumb",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "deployopt", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def flat(text: str) -> str:
+    """Rich wraps long lines: compare with runs of whitespace collapsed."""
+    return " ".join(text.split())

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from deployopt.benchmark import BenchSpec, LatencyStats, bench_feeds, bench_models, measure
 from deployopt.presets import BUILTIN_TARGETS, Target
+from tests.models import run_cli
 
 
 class FakeClock:
@@ -174,17 +173,8 @@ def test_api_bench_several_batches(mlp_onnx):
         deployopt.bench(mlp_onnx, batch=[0])
 
 
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "deployopt", *args],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-
-
 def test_bench_cli_json_and_missing_ep(mlp_onnx, tmp_path):
-    r = cli(
+    r = run_cli(
         "bench",
         str(mlp_onnx),
         "--batch",
@@ -200,7 +190,7 @@ def test_bench_cli_json_and_missing_ep(mlp_onnx, tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [res["shapes"]["x"][0] for res in data["results"]] == [1, 3]
     assert all(len(res["samples_ms"]) >= 10 for res in data["results"])
-    r = cli("bench", str(mlp_onnx), "--ep", "tensorrt")
+    r = run_cli("bench", str(mlp_onnx), "--ep", "tensorrt")
     assert r.returncode == 4
     assert "execution provider 'tensorrt'" in r.stderr and "CPUExecutionProvider" in r.stderr
     assert "Traceback" not in r.stderr

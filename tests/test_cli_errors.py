@@ -6,43 +6,17 @@ Every case fails before export, so each run costs only the interpreter start and
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.models import flat, run_cli
+
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
     "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
     "size 90387606\n"
 )
-
-
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        COLUMNS="500",
-        NO_COLOR="1",
-        TERM="dumb",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "deployopt", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def flat(text: str) -> str:
-    """Rich wraps long lines: compare with runs of whitespace collapsed."""
-    return " ".join(text.split())
 
 
 @pytest.fixture

@@ -223,17 +223,12 @@ def test_write_best_carries_external_data(tmp_path):
 
 
 def test_cli_no_variant_qualifies_exits_6_with_reasons(tmp_path):
-    import subprocess
-    import sys
+    from tests.models import run_cli
 
-    r = subprocess.run(
-        [sys.executable, "-m", "deployopt", "optimize", "tests.models:mlp"]
-        + ["--input-shape", "x=1x16", "-o", str(tmp_path / "o"), "--variants", "int8-dynamic"]
-        + ["--bench-samples", "5", "--bench-seconds", "0", "--rounds", "1"]
-        + ["--max-latency-ms", "0.000001"],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": "."},
+    r = run_cli(
+        *["optimize", "tests.models:mlp", "--input-shape", "x=1x16", "-o", str(tmp_path / "o")],
+        *["--variants", "int8-dynamic", "--bench-samples", "5", "--bench-seconds", "0"],
+        *["--rounds", "1", "--max-latency-ms", "0.000001"],
     )
     assert r.returncode == 6, r.stderr
     assert "error: no variant meets the constraints" in r.stderr
