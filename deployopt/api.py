@@ -289,7 +289,7 @@ def gate(
             seq=seq,
             min_samples=min_samples,
             min_seconds=min_seconds,
-            rounds=max(rounds, 6),
+            rounds=max(rounds, 10),  # paired rounds are the regression test's sample
         )
         if str(baseline) == "last-pass":
             ident = gating.identify(model, name)

@@ -399,7 +399,9 @@ def bench_models(
             w.start()
             workers.append(w)
         for r in range(spec.rounds):
-            for w in workers:
+            # ABBA order: even rounds forwards, odd rounds backwards, so neither a model's place
+            # in the round nor a steady drift favours one model
+            for w in workers if r % 2 == 0 else workers[::-1]:
                 if w.alive:
                     w.measure(spec.rounds - r)
             log(f"bench: round {r + 1}/{spec.rounds} done")

@@ -1,7 +1,8 @@
 """Command line. The ONLY place that maps errors and verdicts to exit codes.
 
-Exit codes: 0 success, 2 usage or config error, 4 run invalid (runtime missing), 5 input model
-rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, 70 internal error.
+Exit codes: 0 success (gate PASS), 1 gate FAIL, 2 usage or config error, 3 gate INCONCLUSIVE,
+4 run invalid (runtime missing, EP fallback, crash; gate INVALID), 5 input model rejected, 6 no
+viable variant, 7 unsafe input refused, 8 export parity failed, 70 internal error.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ app = typer.Typer(
     help="Make a model smaller and faster for deployment with ONNX Runtime, and prove it is "
     "still right.",
     no_args_is_help=True,
-    epilog="Exit codes: 0 success, 2 usage/config error, 4 runtime unavailable, 5 input model "
-    "rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, "
+    epilog="Exit codes: 0 success (gate PASS), 1 gate FAIL, 2 usage/config error, 3 gate "
+    "INCONCLUSIVE, 4 run invalid (runtime missing, EP fallback, crash; gate INVALID), 5 input "
+    "model rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, "
     "70 internal error.",
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -52,6 +52,16 @@ def min_samples_for(q: float, z: float = Z95) -> int:
         n += 1
 
 
+TRIM = 0.2
+
+
+def trimmed_mean(a: np.ndarray, trim: float) -> np.ndarray | float:
+    """Mean of the last axis after dropping ``trim`` of the values at each end."""
+    a = np.sort(a, axis=-1)
+    k = int(a.shape[-1] * trim)
+    return a[..., k : a.shape[-1] - k].mean(axis=-1)
+
+
 @dataclass(frozen=True)
 class Ratio:
     """new / baseline latency: the point estimate and its bootstrap confidence interval."""
@@ -74,8 +84,9 @@ def ratio_ci(
     """Bootstrap CI of the latency ratio new/baseline.
 
     ``paired``: ``new`` and ``baseline`` are the medians of rounds, round i of one measured next
-    to round i of the other. The statistic is the geometric mean over rounds of
-    new_i/baseline_i; rounds are resampled. Otherwise both are flat sample lists and the
+    to round i of the other. The statistic is the 20%-trimmed mean over rounds of
+    log(new_i/baseline_i), so a round that a machine hiccup hit on one side only does not
+    move it; rounds are resampled. Otherwise both are flat sample lists and the
     statistic is median(new)/median(baseline), each set resampled on its own.
 
     ``conf`` is two-sided; a one-sided test at (1+conf)/2 reads only one bound.
@@ -87,8 +98,8 @@ def ratio_ci(
             raise ValueError("paired comparison needs the same number (>= 2) of rounds")
         logs = np.log(np.asarray(new, dtype=np.float64) / np.asarray(baseline, dtype=np.float64))
         idx = rng.integers(0, logs.size, size=(n_boot, logs.size))
-        boots = logs[idx].mean(axis=1)
-        est = float(np.exp(logs.mean()))
+        boots = trimmed_mean(logs[idx], TRIM)
+        est = float(np.exp(trimmed_mean(logs, TRIM)))
         method, n = "paired rounds", int(logs.size)
     else:
         a = np.asarray(new, dtype=np.float64)

@@ -170,7 +170,7 @@ def test_regression_against_a_baseline_and_last_pass(models, tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     (check,) = json.loads((tmp_path / "g.json").read_text())["checks"]
-    assert check["metric"] == "max_slowdown" and "paired rounds, n=12" in check["message"]
+    assert check["metric"] == "max_slowdown" and "paired rounds, n=20" in check["message"]
     assert check["ci"][0] < 1.2 and check["ci"][1] < 4.0  # the same model: a ratio near 1
     r = run_cli("gate", str(int8), "--baseline", "last-pass", *FAST, "--history", history)
     assert r.returncode == 4
