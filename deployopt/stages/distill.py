@@ -1,0 +1,319 @@
+"""Knowledge distillation: a teacher, a student built from it (or given), data, losses, the
+training loop; out comes a student folder that ``deployopt optimize`` takes as is, with
+``distill_report.json``.
+
+Student output: an HF folder (config, safetensors weights, tokenizer, sentence-transformers
+pooling files copied from the teacher) for HF teachers; ``model.safetensors`` plus
+``student.json`` naming the factory for module students (``deployopt optimize
+pkg.mod:factory --weights OUT/model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deployopt.errors import ConfigError, DataError
+from deployopt.torchside import students as st
+from deployopt.torchside.data import ImageData, TextData, load_data
+from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
+from deployopt.torchside.train import TrainConfig, Trainer, dist_info
+from deployopt.workspace import TMP_PREFIX, write_json
+
+LOSSES = ("embedding", "kd", "ce", "hidden", "attention")
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    history: list[dict]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    report: Path
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_losses(text: str | Sequence[str] | dict) -> dict[str, float]:
+    """``"embedding,hidden:0.5"`` -> {"embedding": 1.0, "hidden": 0.5}."""
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        parts = text.split(",") if isinstance(text, str) else list(text)
+        items = []
+        for p in (x.strip() for x in parts if str(x).strip()):
+            name, _, w = p.partition(":")
+            try:
+                items.append((name, float(w) if w else 1.0))
+            except ValueError:
+                raise ConfigError(
+                    f"bad loss weight in {p!r}", hint="write e.g. kd,hidden:0.5"
+                ) from None
+    bad = [n for n, _ in items if n not in LOSSES]
+    if bad or not items:
+        raise ConfigError(
+            f"unknown loss(es) {', '.join(bad) or '(none)'}",
+            hint="choose from " + ", ".join(LOSSES),
+        )
+    return dict(items)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(n * fraction))
+    return order[k:], order[:k]
+
+
+def distill(
+    teacher: Any,
+    data: str | Path,
+    out: str | Path,
+    *,
+    student_layers: str | Sequence[int] | None = None,
+    student: Any = None,
+    student_size: dict[str, int] | None = None,
+    losses: str | dict | None = None,
+    eval_data: str | Path | None = None,
+    eval_fraction: float = 0.1,
+    labels_column: str | None = None,
+    text_column: str = "text",
+    input_shape: dict[str, Sequence[int]] | None = None,
+    max_examples: int | None = None,
+    max_length: int = 128,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    train: TrainConfig | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> DistillResult:
+    """Distil ``teacher`` into a smaller student on ``data`` and write it to ``out``.
+
+    Teacher: an HF folder, ``"minilm"``, ``"pkg.mod:factory"`` (with ``input_shape``) or a module.
+    Student: ``student_layers`` (keep these teacher layers, weights copied), ``student_size``
+    (same architecture, smaller, fresh weights) or ``student`` (a factory or module).
+    ``losses``: default ``embedding`` for sentence encoders, ``kd`` for classifiers.
+    A run interrupted after a checkpoint resumes when called again with the same ``out``.
+    """
+    from deployopt.sources import load_source
+
+    cfg = train or TrainConfig()
+    out = Path(out)
+    shapes = {k: tuple(v) for k, v in (input_shape or {}).items()}
+    src = load_source(teacher, input_shapes=shapes)
+    t_model = unwrap(src.module)
+    t_model.eval()
+    for p in t_model.parameters():
+        p.requires_grad_(False)
+    s_model, how = _student(t_model, src, student_layers, student, student_size)
+    s_model.train()
+    for p in s_model.parameters():
+        p.requires_grad_(True)
+    dataset = load_data(data, labels_column, text_column)
+    if max_examples:
+        dataset = _head(dataset, max_examples)
+    evalset = load_data(eval_data, labels_column, text_column) if eval_data else None
+
+    if isinstance(dataset, TextData) and src.meta.task == "feature-extraction":
+        task, loss_w, extra = _embedding_task(
+            t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg
+        )
+    else:
+        task, loss_w, extra = _classifier_task(
+            t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
+            temperature, alpha,
+        )  # fmt: skip
+    log(
+        f"distill: teacher {_params(t_model) / 1e6:.2f}M params -> student "
+        f"{_params(s_model) / 1e6:.2f}M ({how}); losses {loss_w}; {task_size(task)} examples"
+    )
+    teacher_metrics = task.evaluate(t_model)
+    t0 = time.perf_counter()
+    trainer = Trainer(
+        s_model, task.loss, task_size(task), task.evaluate, cfg, out / "work",
+        extra_modules=extra, log=log, progress=progress, stop_after_steps=stop_after_steps,
+    )  # fmt: skip
+    state = trainer.fit()
+    seconds = time.perf_counter() - t0
+    student_metrics = task.evaluate(s_model)
+    rank, _ = dist_info()
+    result = DistillResult(
+        out=out,
+        history=state.history,
+        teacher={"params": _params(t_model), **teacher_metrics},
+        student={"params": _params(s_model), **student_metrics},
+        report=out / "distill_report.json",
+        stopped_early=state.stopped_early,
+    )
+    if rank == 0:
+        _save_student(s_model, src, teacher, student, out)
+        write_json(
+            result.report,
+            {
+                "schema": "deployopt.distill/1",
+                "teacher": {"source": src.label, **result.teacher},
+                "student": {"how": how, **result.student},
+                "losses": loss_w,
+                "data": getattr(dataset, "source", str(data)),
+                "train": cfg.__dict__,
+                "temperature": temperature,
+                "alpha": alpha,
+                "history": state.history,
+                "stopped_early": state.stopped_early,
+                "train_seconds": seconds,
+                "size_ratio": _params(s_model) / _params(t_model),
+            },
+        )
+    return result
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The trainable model inside deployopt's export wrappers."""
+    from deployopt.torchside import wrappers
+
+    kinds = (wrappers.HFTextWrapper, wrappers.HFImageWrapper, wrappers.TupleOutputWrapper)
+    return module.model if isinstance(module, kinds) else module
+
+
+def task_size(task) -> int:
+    return task.n if isinstance(task, ClassifierTask) else len(task.texts)
+
+
+def _head(d, n):
+    if isinstance(d, ImageData):
+        return ImageData(d.images[:n], d.labels[:n], d.classes, d.source)
+    return TextData(d.texts[:n], d.labels[:n] if d.labels else None, d.classes, d.source)
+
+
+def _student(t_model, src, layers, student, size) -> tuple[nn.Module, str]:
+    chosen = [x is not None for x in (layers, student, size)]
+    if sum(chosen) > 1:
+        raise ConfigError("give one of --student-layers, --student or a student size")
+    if student is not None:
+        from deployopt.sources import load_source
+
+        if isinstance(student, nn.Module):
+            return student, f"user module {type(student).__name__}"
+        s_src = load_source(student, input_shapes={n: tuple(s.shape) for n, s in zip(
+            src.input_names, src.example_inputs)})  # fmt: skip
+        return unwrap(s_src.module), f"user model {student}"
+    total = st.num_layers(t_model)
+    if size is not None:
+        cfg = st.smaller_config(t_model.config, **size)
+        return type(t_model)(cfg), "smaller config " + ", ".join(
+            f"{k}={v}" for k, v in size.items()
+        )
+    keep = (
+        st.parse_layers(layers, total)
+        if layers is not None
+        else st.every_kth(total, max(1, total // 2))
+    )
+    return st.select_layers(t_model, keep), f"teacher layers {keep} of {total}"
+
+
+def _embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg):
+    loss_w = parse_losses(losses or "embedding")
+    if "kd" in loss_w or "ce" in loss_w:
+        raise ConfigError("a sentence encoder has no logits: use embedding, hidden, attention")
+    texts = list(data.texts)
+    if evalset is not None:
+        train_texts, eval_texts = texts, list(evalset.texts)
+    else:
+        tr, ev = _split(len(texts), frac, cfg.seed)
+        train_texts, eval_texts = [texts[i] for i in tr], [texts[i] for i in ev]
+    layer_map: list[tuple[int, int]] = []
+    if "hidden" in loss_w or "attention" in loss_w:
+        n_s, n_t = st.num_layers(s_model), st.num_layers(t_model)
+        kept = [int(x) for x in how.split("[")[1].split("]")[0].split(",")] if "[" in how else None
+        t_layers = kept or [round((i + 1) * n_t / n_s) - 1 for i in range(n_s)]
+        layer_map = list(zip(range(n_s), t_layers))
+    projs = None
+    if "hidden" in loss_w:
+        projs = projections_for(layer_map, s_model.config.hidden_size, t_model.config.hidden_size)
+    task = EmbeddingTask(
+        t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
+        projections=projs,
+    )  # fmt: skip
+    return task, loss_w, [projs] if projs is not None else []
+
+
+def _classifier_task(t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a):
+    loss_w = parse_losses(losses or "kd")
+    if "embedding" in loss_w or "hidden" in loss_w or "attention" in loss_w:
+        raise ConfigError("classifier distillation takes the kd and ce losses")
+    if isinstance(data, ImageData):
+        x, y = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+        ex = torch.from_numpy(evalset.images) if evalset else None
+        ey = torch.from_numpy(evalset.labels) if evalset else None
+    else:
+        if src.tokenizer is None:
+            raise DataError(f"{data.source}: text data needs a text model with a tokenizer")
+        enc = src.tokenizer(list(data.texts), truncation=True, max_length=max_length,
+                            padding="max_length", return_tensors="pt")  # fmt: skip
+        x = {k: v for k, v in enc.items()}
+        y = torch.tensor(data.labels) if data.labels is not None else None
+        ex = ey = None
+        if evalset is not None:
+            e = src.tokenizer(list(evalset.texts), truncation=True, max_length=max_length,
+                              padding="max_length", return_tensors="pt")  # fmt: skip
+            ex, ey = dict(e.items()), torch.tensor(evalset.labels)
+    if "ce" in loss_w and y is None:
+        raise DataError(f"{data.source}: the ce loss needs labels (--labels-column)")
+    if ex is None:
+        n = len(y) if y is not None else len(next(iter(x.values())) if isinstance(x, dict) else x)
+        tr, ev = _split(n, frac, cfg.seed)
+        pick = (lambda v, i: {k: t_[i] for k, t_ in v.items()}) if isinstance(x, dict) else (
+            lambda v, i: v[i])  # fmt: skip
+        x, ex = pick(x, tr), pick(x, ev)
+        y, ey = (y[tr], y[ev]) if y is not None else (None, None)
+    if ey is None:
+        raise DataError("evaluation needs labels: give --labels-column or --eval-data with labels")
+    return ClassifierTask(t_model, x, y, ex, ey, loss_w, t, a), loss_w, []
+
+
+def _save_student(model: nn.Module, src, teacher, student, out: Path) -> None:
+    """Atomically write the student where ``deployopt optimize`` can take it."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "student.", dir=out))
+    try:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, safe_serialization=True)
+            if src.tokenizer is not None:
+                src.tokenizer.save_pretrained(tmp)
+            folder = Path(src.label)
+            for name in ST_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
+            if (folder / "1_Pooling").is_dir():
+                shutil.copytree(folder / "1_Pooling", tmp / "1_Pooling")
+            final = out / "student"
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / "model.safetensors"))
+            factory = student if isinstance(student, str) else (
+                teacher if isinstance(teacher, str) else None)  # fmt: skip
+            (tmp / "student.json").write_text(json.dumps({"factory": factory}))
+            final = out / "student"
+        old = out / (TMP_PREFIX + "student-old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

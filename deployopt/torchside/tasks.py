@@ -1,0 +1,168 @@
+"""What is distilled, and how it is scored. A task owns its data, its teacher and the teacher's
+cache (the teacher runs once per example for the cached outputs), and gives the trainer a
+``loss(model, indices)`` and an ``evaluate(model)`` with a ``score``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deployopt.torchside.losses import (
+    Projection,
+    attention_kl,
+    embedding_loss,
+    hidden_mse,
+    kd_loss,
+)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def _in_chunks(fn, n: int, size: int = 64) -> torch.Tensor:
+    return torch.cat([fn(torch.arange(i, min(n, i + size))) for i in range(0, n, size)])
+
+
+@dataclass
+class ClassifierTask:
+    """Logit distillation for classifiers (images, tensors, or tokenized text as a dict).
+
+    ``losses``: ``{"kd": w}`` soft labels (+ hard labels by ``alpha`` when labels exist), or
+    ``{"ce": w}`` hard labels only (the no-KD baseline). ``inputs`` is a tensor or a dict of
+    tensors with the example index first.
+    """
+
+    teacher: nn.Module
+    inputs: torch.Tensor | Mapping[str, torch.Tensor]
+    labels: torch.Tensor | None
+    eval_inputs: torch.Tensor | Mapping[str, torch.Tensor]
+    eval_labels: torch.Tensor | None
+    losses: Mapping[str, float]
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self):
+        self.teacher.eval()
+        self.cache = _in_chunks(lambda i: _logits(self._run(self.teacher, self.inputs, i)), self.n)
+
+    @property
+    def n(self) -> int:
+        x = self.inputs
+        return len(next(iter(x.values())) if isinstance(x, Mapping) else x)
+
+    @staticmethod
+    def _run(model, inputs, idx):
+        if isinstance(inputs, Mapping):
+            return model(**{k: v[idx] for k, v in inputs.items()})
+        return model(inputs[idx])
+
+    def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        logits = _logits(self._run(model, self.inputs, idx))
+        labels = self.labels[idx] if self.labels is not None else None
+        total = logits.new_zeros(())
+        if "kd" in self.losses:
+            total = total + self.losses["kd"] * kd_loss(
+                logits, self.cache[idx], self.temperature, self.alpha, labels
+            )
+        if "ce" in self.losses:
+            if labels is None:
+                raise ValueError("the ce loss needs labels")
+            total = total + self.losses["ce"] * nn.functional.cross_entropy(logits, labels)
+        return total
+
+    def accuracy(self, model: nn.Module) -> float:
+        n = len(self.eval_labels)
+        preds = _in_chunks(
+            lambda i: _logits(self._run(model, self.eval_inputs, i)).argmax(-1), n, 256
+        )
+        return float((preds == self.eval_labels).float().mean())
+
+    def evaluate(self, model: nn.Module) -> dict:
+        acc = self.accuracy(model)
+        return {"score": acc, "accuracy": acc}
+
+
+@dataclass
+class EmbeddingTask:
+    """Sentence-embedding distillation on unlabelled text: pooled-embedding loss (MSE or
+    cosine), optionally hidden-state MSE and attention KL on a layer mapping. Scored by the
+    mean cosine between student and teacher embeddings on held-out text."""
+
+    teacher: nn.Module
+    tokenizer: object
+    texts: Sequence[str]
+    eval_texts: Sequence[str]
+    losses: Mapping[str, float]
+    layer_map: Sequence[tuple[int, int]] = ()  # (student layer, teacher layer)
+    max_length: int = 128
+    embedding_kind: str = "mse"
+    projections: nn.ModuleList | None = None
+
+    def __post_init__(self):
+        self.teacher.eval()
+        self.enc = self._encode(self.texts)
+        self.eval_enc = self._encode(self.eval_texts)
+        self.cache = _in_chunks(lambda i: self._embed(self.teacher, self.enc, i), len(self.texts))
+        self.eval_cache = _in_chunks(
+            lambda i: self._embed(self.teacher, self.eval_enc, i), len(self.eval_texts)
+        )
+
+    def _encode(self, texts):
+        return self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=False
+        )["input_ids"]
+
+    def _batch(self, enc, idx):
+        feats = [{"input_ids": enc[int(i)]} for i in idx]
+        return self.tokenizer.pad(feats, return_tensors="pt")
+
+    def _embed(self, model, enc, idx, **kw):
+        b = self._batch(enc, idx)
+        out = model(**b, **kw)
+        return mean_pool(out.last_hidden_state, b["attention_mask"])
+
+    def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        need_h = "hidden" in self.losses and self.layer_map
+        need_a = "attention" in self.losses and self.layer_map
+        b = self._batch(self.enc, idx)
+        out = model(**b, output_hidden_states=bool(need_h), output_attentions=bool(need_a))
+        mask = b["attention_mask"]
+        emb = mean_pool(out.last_hidden_state, mask)
+        total = self.losses.get("embedding", 0.0) * embedding_loss(
+            emb, self.cache[idx], self.embedding_kind
+        )
+        if need_h or need_a:
+            with torch.no_grad():
+                t_out = self.teacher(
+                    **b, output_hidden_states=bool(need_h), output_attentions=bool(need_a)
+                )
+            for k, (s_l, t_l) in enumerate(self.layer_map):
+                if need_h:  # hidden_states[0] is the embeddings: layer L's output is L + 1
+                    proj = self.projections[k] if self.projections is not None else None
+                    total = total + self.losses["hidden"] * hidden_mse(
+                        out.hidden_states[s_l + 1], t_out.hidden_states[t_l + 1], proj, mask
+                    ) / len(self.layer_map)
+                if need_a:
+                    total = total + self.losses["attention"] * attention_kl(
+                        out.attentions[s_l], t_out.attentions[t_l], mask
+                    ) / len(self.layer_map)
+        return total
+
+    def evaluate(self, model: nn.Module) -> dict:
+        emb = _in_chunks(lambda i: self._embed(model, self.eval_enc, i), len(self.eval_texts))
+        cos = nn.functional.cosine_similarity(emb, self.eval_cache, dim=-1)
+        return {"score": float(cos.mean()), "mean_cosine": float(cos.mean())}
+
+
+def projections_for(layer_map, student_dim: int, teacher_dim: int) -> nn.ModuleList:
+    return nn.ModuleList(Projection(student_dim, teacher_dim) for _ in layer_map)
