@@ -961,7 +961,7 @@ def distill(
     console.print(t)
     for h in res.history:
         console.print(
-            "  epoch "
+            "  "
             + " ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items()
             ),

@@ -297,3 +297,51 @@ def test_cli_distill_then_optimize_takes_the_student(tiny_bert_dir, tmp_path):
         assert text in flat(r.stderr) and "Traceback" not in r.stderr
     r = run_cli("distill", "--teacher", str(tiny_bert_dir), "--data", "nope.csv", "-o", "x")
     assert r.returncode == 2 and "nope.csv: no such data file or folder" in flat(r.stderr)
+
+
+def test_smaller_config_student_and_projection(tiny_bert_dir, tmp_path):
+    from deployopt.stages.distill import distill
+    from deployopt.torchside.losses import Projection
+    from tests.models import WORDS
+
+    proj = Projection(4, 8)
+    s = torch.randn(2, 3, 4, requires_grad=True)
+    hidden_mse(s, torch.randn(2, 3, 8), proj).backward()
+    assert proj.proj.weight.grad is not None and s.grad is not None
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(" ".join(WORDS[i : i + 6]) for i in range(0, 60)))
+    size = {"num_hidden_layers": 1, "intermediate_size": 16}
+    res = distill(tiny_bert_dir, data, tmp_path / "o", student_size=size, losses="embedding,hidden",
+                  train=FAST, progress=False, log=lambda s: None)  # fmt: skip
+    assert res.student["params"] < res.teacher["params"]
+    rep = json.loads(res.report.read_text())
+    assert rep["student"]["how"] == "smaller config num_hidden_layers=1, intermediate_size=16"
+    assert rep["student_bytes"] > 0
+    with pytest.raises(ConfigError, match="embedding distillation needs the teacher's width"):
+        distill(tiny_bert_dir, data, tmp_path / "p", student_size={"hidden_size": 16,
+                "num_attention_heads": 2}, train=FAST, progress=False, log=lambda s: None)  # fmt: skip
+
+
+def test_torchrun_cli_two_processes(tiny_bert_dir, tmp_path):
+    """The user's path to DDP: torchrun -m deployopt distill, with a learned projection whose
+    gradients are averaged by hand (it lives outside the DDP-wrapped student)."""
+    import subprocess
+    import sys
+
+    from tests.models import ROOT, WORDS
+
+    teacher = tiny_bert_dir
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(" ".join(WORDS[i : i + 5]) for i in range(48)))
+    out = tmp_path / "o"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "-m", "deployopt", "distill", "--teacher", str(teacher), "--data", str(data),
+         "-o", str(out), "--student-layers", "0", "--epochs", "2", "--batch-size", "8",
+         "--loss", "embedding,hidden"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("deployopt distill:") == 1  # only rank 0 reports
+    rep = json.loads((out / "distill_report.json").read_text())
+    assert len(rep["history"]) == 2 and (out / "student" / "model.safetensors").exists()

@@ -177,8 +177,18 @@ def distill(
                 "stopped_early": state.stopped_early,
                 "train_seconds": seconds,
                 "size_ratio": _params(s_model) / _params(t_model),
+                "student_bytes": sum(
+                    f.stat().st_size for f in (out / "student").iterdir() if f.is_file()
+                ),
             },
         )
+    _, world = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has written the student before anyone leaves
+            dist.destroy_process_group()
     return result
 
 
@@ -236,6 +246,12 @@ def _embedding_task(t_model, s_model, src, data, evalset, losses, how, max_lengt
     else:
         tr, ev = _split(len(texts), frac, cfg.seed)
         train_texts, eval_texts = [texts[i] for i in tr], [texts[i] for i in ev]
+    t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
+    if "embedding" in loss_w and t_dim != s_dim:
+        raise ConfigError(
+            f"embedding distillation needs the teacher's width ({t_dim}), the student has {s_dim}",
+            hint="shrink layers, heads or ffn instead of hidden, or use the hidden loss alone",
+        )
     layer_map: list[tuple[int, int]] = []
     if "hidden" in loss_w or "attention" in loss_w:
         n_s, n_t = st.num_layers(s_model), st.num_layers(t_model)
@@ -244,7 +260,7 @@ def _embedding_task(t_model, s_model, src, data, evalset, losses, how, max_lengt
         layer_map = list(zip(range(n_s), t_layers))
     projs = None
     if "hidden" in loss_w:
-        projs = projections_for(layer_map, s_model.config.hidden_size, t_model.config.hidden_size)
+        projs = projections_for(layer_map, s_dim, t_dim)
     task = EmbeddingTask(
         t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
         projections=projs,

@@ -70,7 +70,8 @@ def _setup_ddp(model: nn.Module) -> tuple[nn.Module, int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return nn.parallel.DistributedDataParallel(model), rank, world
+    # find_unused_parameters: a pooled-embedding student never uses its pooler, for one
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True), rank, world
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -204,6 +205,8 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {i}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:
+                    self._sync_extra(world)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
@@ -250,6 +253,15 @@ class Trainer:
         if best.exists():
             _load_weights(self.student, best)  # the best epoch's weights, not the last
         return state
+
+    def _sync_extra(self, world: int) -> None:
+        """Average the gradients of modules outside the DDP-wrapped student (projections)."""
+        import torch.distributed as dist
+
+        for p in self.extra.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
 
     def _bar(self, epoch: int, total: int, done: int, rank: int):
         if not self.progress or rank != 0:
