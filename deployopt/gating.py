@@ -224,6 +224,7 @@ def regression(
     label = f"{target.name} {'batch ' + str(spec.batch) if not spec.shapes else 'shape'}"
     new_rounds: list[float] = []
     old_rounds: list[float] = []
+    pairs: list[int] = []
     results: list[BenchResult] = []
     for p in range(processes):
         pair = [("new", new), ("baseline", baseline)]
@@ -239,10 +240,11 @@ def regression(
         n = min(len(res["new"].round_p50_ms), len(res["baseline"].round_p50_ms))
         new_rounds += res["new"].round_p50_ms[:n]
         old_rounds += res["baseline"].round_p50_ms[:n]
+        pairs += [p] * n
     if len(new_rounds) < 2:
         return judge_regression(label, None, max_slowdown, "fewer than 2 rounds"), results
     return judge_regression(
-        label, ratio_ci(new_rounds, old_rounds, paired=True), max_slowdown
+        label, ratio_ci(new_rounds, old_rounds, paired=True, groups=pairs), max_slowdown
     ), results
 
 

@@ -171,6 +171,27 @@ def test_regression_power_on_synthetic_drifting_machine():
     assert slower[Verdict.FAIL] >= 0.95 and slower[Verdict.PASS] == 0
 
 
+def test_pair_level_offsets_widen_the_interval_instead_of_failing():
+    """Two process pairs timing the same model, each steady within itself, one 25% slow and one
+    3% fast (where each process landed on the machine): rounds taken as independent give a
+    narrow interval that excludes 1, a false slowdown; resampling the pairs first includes 1."""
+    rng = np.random.default_rng(3)
+    old = list(10 * (1 + 0.01 * rng.standard_normal(20)))
+    new = [o * (1.25 if i < 10 else 0.97) * (1 + 0.01 * rng.standard_normal()) for i, o in
+           enumerate(old)]  # fmt: skip
+    flat_ci = ratio_ci(new, old, paired=True)
+    pairs = ratio_ci(new, old, paired=True, groups=[0] * 10 + [1] * 10)
+    assert flat_ci.low > 1.0  # "surely slower", for the same model
+    assert flat_ci.high - flat_ci.low < 0.7 * (pairs.high - pairs.low)
+    assert pairs.low < 1.0 < pairs.high and pairs.estimate == flat_ci.estimate
+    assert judge_regression("cpu", pairs, 0.05).verdict == Verdict.INCONCLUSIVE
+    # one group (or none) is the plain round bootstrap
+    same = ratio_ci(new, old, paired=True, groups=[0] * 20)
+    assert (same.low, same.high) == (flat_ci.low, flat_ci.high)
+    with pytest.raises(ValueError, match="one entry per round"):
+        ratio_ci(new, old, paired=True, groups=[0, 1])
+
+
 def test_regression_edges():
     old = [10.0, 10.0, 10.0, 10.0]
     c = judge_regression("cpu", ratio_ci([10.4] * 4, old, paired=True), 0.05)
