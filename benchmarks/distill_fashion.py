@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deployopt.demos.fashion import student as make_student
-from deployopt.demos.fashion import teacher as make_teacher
+from deployopt.demos.fashion import train_teacher
 from deployopt.torchside.data import fashion_mnist
 from deployopt.torchside.tasks import ClassifierTask
 from deployopt.torchside.train import TrainConfig, Trainer
@@ -57,27 +57,9 @@ def main() -> int:
     xtr, ytr, xval, yval = x[:55000], y[:55000], x[55000:], y[55000:]
 
     t0 = time.perf_counter()
-    teacher = make_teacher()
-    torch.manual_seed(0)
-
-    def ce(model, idx):
-        return nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-
-    def val(model):
-        a = accuracy(model, xval, yval)
-        return {"score": a, "val_accuracy": a}
-
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=128,
-        lr=2e-3,
-        weight_decay=1e-4,
-        warmup_ratio=0.05,
-        patience=2,
-        seed=0,
-        checkpoint_every=10**9,
-    )
-    Trainer(teacher, ce, len(xtr), val, cfg, out / "teacher", progress=False).fit()
+    teacher = train_teacher(out / "teacher", args.epochs)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=2e-3, weight_decay=1e-4,
+                      warmup_ratio=0.05, patience=2, seed=0, checkpoint_every=10**9)  # fmt: skip
     teacher_acc = accuracy(teacher, xt, yt)
     teacher_s = time.perf_counter() - t0
     print(f"teacher: test accuracy {teacher_acc:.4f} ({teacher_s:.0f} s)", flush=True)
@@ -101,7 +83,7 @@ def main() -> int:
                 flush=True,
             )
 
-    n_t = sum(p.numel() for p in make_teacher().parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in make_student().parameters())
     print()
     print(

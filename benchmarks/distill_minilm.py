@@ -31,38 +31,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import deployopt  # noqa: E402
-from deployopt.benchmark import BenchSpec, bench_models, fingerprint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _probe import embed, machine_line, mean_cosine, probe  # noqa: E402
+
+from deployopt.benchmark import BenchSpec, bench_models  # noqa: E402
 from deployopt.presets import Target  # noqa: E402
 from deployopt.torchside.data import bbc_news, orange_tab  # noqa: E402
-from deployopt.torchside.tasks import mean_pool  # noqa: E402
 from deployopt.torchside.train import TrainConfig  # noqa: E402
-
-
-def embed(folder: Path, texts: list[str], max_length: int = 128) -> np.ndarray:
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 64):
-            b = tok(
-                texts[i : i + 64],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
-    return torch.cat(out).numpy()
-
-
-def probe(train_x, train_y, test_x, test_y) -> float:
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(max_iter=2000, C=10.0)
-    clf.fit(train_x, train_y)
-    return float(clf.score(test_x, test_y))
 
 
 def main() -> int:
@@ -111,7 +87,7 @@ def main() -> int:
     for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
         emb[name] = (embed(folder, r8.texts), embed(folder, r8t.texts))
     a, b = emb["teacher"][1], emb["student"][1]
-    cos = float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+    cos = mean_cosine(a, b)
     acc = {n: probe(e[0], r8.labels, e[1], r8t.labels) for n, e in emb.items()}
 
     t1 = time.perf_counter()
@@ -124,12 +100,8 @@ def main() -> int:
     spec = BenchSpec(batch=1, seq=128, min_samples=90, min_seconds=4.0, rounds=6)
     bench = bench_models(best, target, spec)
 
-    env = fingerprint(target)
     print()
-    print(
-        f"machine: {env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
-        f"threads={args.threads}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}"
-    )
+    print(machine_line(target))
     print(
         f"distillation: {len(corpus)} unlabelled texts (20 Newsgroups + BBC News), "
         f"{args.epochs} epochs max, {distill_s:.0f} s; optimize both: {optimize_s:.0f} s"

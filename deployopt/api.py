@@ -353,3 +353,16 @@ def distill(teacher: Any, data: str | Path, out: str | Path, **kwargs: Any):
     from deployopt.stages.distill import distill as run
 
     return run(teacher, data, out, **kwargs)
+
+
+def prune(model: Any, out: str | Path, **kwargs: Any):
+    """Prune ``model`` and write the smaller model folder ``out`` (which ``optimize`` takes as
+    is); see :func:`deployopt.stages.prune.prune` for the options.
+
+    >>> res = prune("minilm", "pruned", heads=0.33, ffn=0.5, data="reuters-r8",
+    ...             recover_epochs=2)  # doctest: +SKIP
+    >>> res.params_after / res.params_before  # doctest: +SKIP
+    """
+    from deployopt.stages.prune import prune as run
+
+    return run(model, out, **kwargs)

@@ -971,6 +971,176 @@ def distill(
     console.print(f"next: deployopt optimize {res.out / 'student'} -o OUT", highlight=False)
 
 
+def _ratio(flag: str):
+    def parse(value: str | None) -> float | None:
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise errors.UsageError(
+                f"{flag} {value!r} is not a number", hint=f"write e.g. {flag} 0.5"
+            ) from None
+
+    return parse
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  deployopt prune minilm -o pruned --heads 0.33 --ffn 0.5 --data 20newsgroups "
+    "--recover-epochs 2\n\n"
+    "  deployopt prune ./bert-clf -o small --drop-layers 10,11 --ffn 0.3 --data train.csv "
+    "--labels-column label --importance gradient\n\n"
+    "  deployopt prune models.cnn:make --input-shape x=1x3x32x32 -o cnn-half --channels 0.5 "
+    "--data images/ --recover-epochs 3\n\n"
+    "  deployopt prune minilm -o small --target-params 0.7 --data reuters-r8 --steps 2 "
+    "--recover-epochs 2\n\n"
+    "  deployopt prune minilm -o sparse --unstructured 0.5   (zeros: smaller when "
+    "compressed, not faster)\n\n"
+    "Then: deployopt optimize OUT -o OUT-onnx"
+)
+def prune(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="HF folder, 'minilm', pkg.module:factory (with --input-shape), or a folder "
+            "written by deployopt distill/prune."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    heads: Annotated[
+        str | None, typer.Option(help="Fraction of attention heads to remove, in each layer.")
+    ] = None,
+    ffn: Annotated[
+        str | None, typer.Option(help="Fraction of FFN (intermediate) neurons to remove.")
+    ] = None,
+    drop_layers: Annotated[
+        str | None, typer.Option(help="Transformer layers to delete, e.g. 1,3.")
+    ] = None,
+    channels: Annotated[
+        str | None,
+        typer.Option(help="CNNs: fraction of channels to remove (dependency-aware)."),
+    ] = None,
+    unstructured: Annotated[
+        str | None,
+        typer.Option(
+            help="Fraction of single weights to zero (size after compression only; a dense "
+            "runtime is not faster)."
+        ),
+    ] = None,
+    target_params: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of ratios: keep this fraction of the parameters (one ratio for heads "
+            "and FFN, or for channels, found by search)."
+        ),
+    ] = None,
+    importance: Annotated[
+        str | None,
+        typer.Option(
+            help="gradient (Michel et al. 2019; needs --data) or magnitude. "
+            "Default: gradient when --data is given."
+        ),
+    ] = None,
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="layer: the same share from every layer (uniform shapes); global: rank all "
+            "layers together."
+        ),
+    ] = "layer",
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Data for importance and recovery: text file, .csv, .jsonl, image folder, or a "
+            "packaged dataset name."
+        ),
+    ] = None,
+    labels_column: Annotated[
+        str | None, typer.Option(help="Label column/field in .csv/.jsonl data.")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Text column/field.")] = "text",
+    max_examples: Annotated[
+        int | None, typer.Option(help="Use at most this many examples of --data.")
+    ] = None,
+    importance_examples: Annotated[
+        int, typer.Option(help="Examples used to score heads/neurons/channels.")
+    ] = 256,
+    steps: Annotated[
+        int, typer.Option(help="Iterative pruning: prune -> recover this many times.")
+    ] = 1,
+    recover_epochs: Annotated[
+        int, typer.Option(help="Fine-tuning epochs after pruning (split across steps).")
+    ] = 0,
+    kd: Annotated[
+        bool,
+        typer.Option(
+            "--kd/--no-kd", help="Recover with knowledge distillation from the unpruned model."
+        ),
+    ] = True,
+    lr: Annotated[float, typer.Option(help="Recovery learning rate (AdamW).")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Recovery examples per step.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Token limit for text.")] = 128,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option("--input-shape", help="NAME=DIMS for a factory, e.g. x=1x1x28x28."),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="State dict for a factory's module (.safetensors).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data order and importance.")] = 0,
+) -> None:
+    """Prune a model so its tensors really shrink, and recover its accuracy.
+
+    Transformers (BERT family): attention heads, FFN neurons and whole layers are removed, so
+    the ONNX file is smaller and runs faster. CNNs: channels, through Torch-Pruning's
+    dependency graph (residuals, BatchNorm and grouped convolutions stay consistent).
+    Unstructured: single weights set to zero, which only helps compressed size. The output
+    folder goes straight into `deployopt optimize`; OUT/prune_report.json records what was
+    removed and the metrics before and after recovery.
+    """
+    from deployopt.api import prune as run_prune
+    from deployopt.inputs import parse_shape_overrides
+    from deployopt.torchside.train import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=max(1, recover_epochs), batch_size=batch_size, lr=lr, seed=seed,
+        patience=max(2, recover_epochs),
+    )  # fmt: skip
+    res = run_prune(
+        model, out, heads=_ratio("--heads")(heads), ffn=_ratio("--ffn")(ffn),
+        drop_layers=drop_layers, channels=_ratio("--channels")(channels),
+        unstructured=_ratio("--unstructured")(unstructured),
+        target_params=_ratio("--target-params")(target_params), importance=importance,
+        scope=scope, data=data, labels_column=labels_column, text_column=text_column,
+        input_shape=parse_shape_overrides(input_shape or []), weights=weights,
+        max_examples=max_examples, importance_examples=importance_examples, max_length=max_length, steps=steps,
+        recover_epochs=recover_epochs, recover_kd=kd, train=cfg,
+        log=lambda m: err_console.print(f"  {m}", highlight=False),
+    )  # fmt: skip
+    from rich.table import Table
+
+    t = Table(title=f"deployopt prune: {res.out}")
+    keys = sorted({k for m in res.metrics.values() for k in m if k != "score"})
+    for col in ("model", *keys):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in res.metrics.items():
+        t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in keys))
+    if res.metrics:
+        console.print(t)
+    console.print(
+        f"parameters: {res.params_before:,} -> {res.params_after:,} "
+        f"({res.params_after / res.params_before:.3f}); {res.removed['summary']}",
+        highlight=False,
+    )
+    if "unstructured" in res.removed:
+        from deployopt.stages.prune import DENSE_NOTE
+
+        console.print(f"note: {DENSE_NOTE}", highlight=False)
+    console.print(f"model: {res.out}\nreport: {res.report}")
+    console.print(f"next: deployopt optimize {res.out} -o OUT", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, map errors to exit codes in one place."""
     try:

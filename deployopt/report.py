@@ -47,6 +47,7 @@ def build(
     variants: Sequence[Mapping[str, Any]],
     bench: Mapping[str, Sequence[Mapping]] | None,
     choice: Mapping[str, Any] | None,
+    model_lineage: Sequence[Mapping[str, Any]] = (),
 ) -> dict:
     """Assemble the report document (plain JSON data)."""
     from deployopt import __version__
@@ -71,7 +72,21 @@ def build(
         "data": dict(data),
         "variants": rows,
         "choice": dict(choice) if choice else None,
+        "lineage": [dict(x) for x in model_lineage],
     }
+
+
+def lineage_text(report: Mapping[str, Any]) -> str | None:
+    """How the input model was made (distill / prune steps before ONNX), one line, or None."""
+    steps = []
+    for s in report.get("lineage") or []:
+        if s.get("stage") == "prune":
+            steps.append(f"prune ({s.get('summary', '')})")
+        elif s.get("stage") == "distill":
+            steps.append(f"distill from {s.get('from', '?')} ({s.get('params', '?'):,} params)")
+        else:
+            steps.append(str(s.get("stage")))
+    return " > ".join(steps) if steps else None
 
 
 def _first_bench(v: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -145,6 +160,9 @@ def render_md(report: Mapping[str, Any]) -> str:
             f"- target: {t.get('name')} ({t.get('ep')}, {t.get('threads') or 'all'} "
             f"threads); batch {spec.get('batch')} x seq {spec.get('seq')}"
         )
+    made = lineage_text(report)
+    if made:
+        lines.append(f"- model made by: {made}")
     lines.append(
         f"- machine: {env.get('cpu', '?')} ({env.get('cpu_flags', '')}), "
         f"{env.get('cores', '?')} cores" + (f", GPU {env['gpu']}" if "gpu" in env else "")
@@ -264,7 +282,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<tr>" + "".join(f"<td>{esc(c.replace('**', ''))}</td>" for c in r) + "</tr>"
         for r in table_rows(report)
     )
-    intro = "".join(f"<li>{esc(ln[2:])}</li>" for ln in md.splitlines()[2:6] if ln.startswith("- "))
+    intro = "".join(f"<li>{esc(ln[2:])}</li>" for ln in md.splitlines()[2:7] if ln.startswith("- "))
     ch = report.get("choice") or {}
     chosen = (
         (

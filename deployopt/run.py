@@ -127,7 +127,12 @@ class Runner:
 
         on_step("export")
         base, evaluation, calibration, desc = self._root()
-        self.meta = {"data": desc, "source": self.source.label, "task": self.source.meta.task}
+        self.meta = {
+            "data": desc,
+            "source": self.source.label,
+            "task": self.source.meta.task,
+            "lineage": list(getattr(self.source.meta, "lineage", []) or []),
+        }
         if not base.ok:
             self._finish()
             raise ParityError(

@@ -160,6 +160,7 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         ],
         bench={k: [r.to_json() for r in rs] for k, rs in result.bench.items()},
         choice=_choice_json(result.choice, cfg.metric, result.best, result.out_dir),
+        model_lineage=result.meta.get("lineage", []),
     )
     result.reports = report.write_all(result.out_dir, doc)
     log(f"report: {result.reports['md']}")

@@ -43,6 +43,7 @@ class ModelMeta:
     max_positions: int | None = None
     classifier_outputs: tuple[str, ...] = ()
     pooling: str | None = None
+    lineage: list = field(default_factory=list)  # distill/prune steps that made this model
 
     @property
     def is_transformer(self) -> bool:
@@ -101,6 +102,8 @@ def load_source(
         if p.is_dir():
             if (p / "config.json").is_file():
                 return hf_source(p, trust_remote_code=trust_remote_code, pooling=pooling)
+            if (p / "module.json").is_file():
+                return module_folder_source(p, input_shapes)
             onnx_files = sorted(p.glob("*.onnx"))
             if len(onnx_files) == 1:
                 return onnx_source(onnx_files[0])
@@ -266,14 +269,19 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         )
         # Eager attention exports the classic mask-add pattern that graph fusers recognise;
         # SDPA exports a pattern onnxruntime's BERT fuser cannot fuse.
-        model = auto.from_pretrained(
-            str(folder),
-            config=config,
-            attn_implementation="eager",
-            use_safetensors=bool(safet),
-            trust_remote_code=trust_remote_code,
-            local_files_only=True,
-        ).eval()
+        if cfg.get("deployopt_pruning"):
+            model = _pruned_hf(folder, auto, config, safet, cfg["deployopt_pruning"])
+        else:
+            model = auto.from_pretrained(
+                str(folder),
+                config=config,
+                attn_implementation="eager",
+                use_safetensors=bool(safet),
+                trust_remote_code=trust_remote_code,
+                local_files_only=True,
+            ).eval()
+    except InputModelError:
+        raise
     except Exception as e:  # transformers and safetensors raise many types for bad folders
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise InputModelError(
@@ -287,7 +295,10 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         num_heads=getattr(config, "num_attention_heads", None),
         hidden_size=getattr(config, "hidden_size", None),
         max_positions=getattr(config, "max_position_embeddings", None),
+        lineage=list(cfg.get("deployopt_lineage") or []),
     )
+    if cfg.get("deployopt_pruning"):  # heads no longer follow the config: fusers read the graph
+        meta.num_heads, meta.hidden_size = 0, 0
     content_hash = _folder_hash(folder, ["config.json", *(safet or bins)])
     from deployopt.torchside import wrappers
 
@@ -336,6 +347,69 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         tokenizer=tokenizer,
         specs=[InputSpec(n, "int64", ("batch", "sequence")) for n in input_names],
     )
+
+
+def _pruned_hf(folder: Path, auto, config, safet: list[str], pruning: dict):
+    """A pruned HF model: built from its config, resized to the saved module shapes (the config
+    cannot say "8 heads of 32 dims in a 384-wide layer"), then its weights loaded strictly."""
+    from deployopt.torchside.pruning import restore_shapes
+
+    if len(safet) != 1:
+        raise InputModelError(
+            f"{folder}: a pruned model needs exactly one safetensors file, found {len(safet)}"
+        )
+    state = load_weights(folder / safet[0])
+    model = auto.from_config(config, attn_implementation="eager")
+    restore_shapes(model, pruning.get("modules", {}), state)
+    _load_strict(model, state, folder / safet[0])
+    return model.eval()
+
+
+def _load_strict(model, state: dict, path: Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise InputModelError(
+            f"{path}: weights do not fit the model: {str(e).splitlines()[0]}"
+        ) from None
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise InputModelError(
+            f"{path}: weights do not fit the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def module_folder_source(folder: Path, input_shapes=None) -> TorchSource:
+    """A folder written by ``deployopt distill`` or ``prune`` for a module (not HF) model:
+    ``module.json`` (factory, input shapes, module shapes, lineage) and ``model.safetensors``."""
+    from deployopt.torchside.pruning import restore_shapes
+
+    try:
+        manifest = json.loads((folder / "module.json").read_text())
+        factory = manifest["factory"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputModelError(
+            f"{folder / 'module.json'}: not a deployopt module manifest ({e})"
+        ) from None
+    if not factory:
+        raise InputModelError(
+            f"{folder / 'module.json'}: names no factory (the model was given as an object)",
+            hint="load it with pkg.module:factory --weights FOLDER/model.safetensors",
+        )
+    src = factory_source(factory, input_shapes or _shapes(manifest), None)
+    module = src.module.model
+    state = load_weights(folder / "model.safetensors")
+    restore_shapes(module, manifest.get("shapes", {}), state)
+    _load_strict(module, state, folder / "model.safetensors")
+    out = _module_source(module, str(folder), input_shapes or _shapes(manifest), None)
+    out.meta.lineage = list(manifest.get("lineage") or [])
+    return out
+
+
+def _shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in (manifest.get("input_shapes") or {}).items()}
 
 
 def load_tokenizer(folder: Path):

@@ -52,6 +52,37 @@ def cnn() -> nn.Module:
     return ConvBnRelu()
 
 
+class ResidualNet(nn.Module):
+    """Residual additions, BatchNorm, a grouped and a depthwise convolution: channel pruning
+    must keep all of them consistent."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.grouped = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.widen = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.grouped(x)  # residual over a grouped conv
+        x = x + self.depthwise(x)  # residual over a depthwise conv
+        x = self.widen(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def resnet() -> nn.Module:
+    return ResidualNet()
+
+
 def not_a_module():
     return 42
 

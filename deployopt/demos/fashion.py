@@ -42,3 +42,32 @@ def teacher() -> nn.Module:
 
 def student() -> nn.Module:
     return FashionCNN((8, 16), 64, dropout=0.1)
+
+
+def train_teacher(work, epochs: int = 6, log=print):
+    """Train the teacher on Fashion-MNIST train (55,000; 5,000 held out for early stopping) with
+    deployopt's training loop; the best epoch's weights end in ``work/best.safetensors``.
+    Returns the model."""
+    import torch
+
+    from deployopt.torchside.data import fashion_mnist
+    from deployopt.torchside.train import TrainConfig, Trainer
+
+    train = fashion_mnist("train")
+    x, y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
+    xtr, ytr, xval, yval = x[:55000], y[:55000], x[55000:], y[55000:]
+    model = teacher()
+    torch.manual_seed(0)
+
+    def ce(m, idx):
+        return nn.functional.cross_entropy(m(xtr[idx]), ytr[idx])
+
+    def val(m):
+        with torch.no_grad():
+            a = float((m(xval).argmax(-1) == yval).float().mean())
+        return {"score": a, "val_accuracy": a}
+
+    cfg = TrainConfig(epochs=epochs, batch_size=128, lr=2e-3, weight_decay=1e-4,
+                      warmup_ratio=0.05, patience=2, seed=0, checkpoint_every=10**9)  # fmt: skip
+    Trainer(model, ce, len(xtr), val, cfg, work, progress=False, log=log).fit()
+    return model.eval()

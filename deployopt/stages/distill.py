@@ -11,9 +11,7 @@ pkg.mod:factory --weights OUT/model.safetensors``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
 from deployopt.torchside.train import TrainConfig, Trainer, dist_info
-from deployopt.workspace import TMP_PREFIX, write_json
+from deployopt.workspace import write_json
 
 LOSSES = ("embedding", "kd", "ce", "hidden", "attention")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -130,11 +128,11 @@ def distill(
     evalset = load_data(eval_data, labels_column, text_column) if eval_data else None
 
     if isinstance(dataset, TextData) and src.meta.task == "feature-extraction":
-        task, loss_w, extra = _embedding_task(
+        task, loss_w, extra = embedding_task(
             t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg
         )
     else:
-        task, loss_w, extra = _classifier_task(
+        task, loss_w, extra = classifier_task(
             t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
             temperature, alpha,
         )  # fmt: skip
@@ -236,7 +234,7 @@ def _student(t_model, src, layers, student, size) -> tuple[nn.Module, str]:
     return st.select_layers(t_model, keep), f"teacher layers {keep} of {total}"
 
 
-def _embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg):
+def embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg):
     loss_w = parse_losses(losses or "embedding")
     if "kd" in loss_w or "ce" in loss_w:
         raise ConfigError("a sentence encoder has no logits: use embedding, hidden, attention")
@@ -268,7 +266,7 @@ def _embedding_task(t_model, s_model, src, data, evalset, losses, how, max_lengt
     return task, loss_w, [projs] if projs is not None else []
 
 
-def _classifier_task(t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a):
+def classifier_task(t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a):
     loss_w = parse_losses(losses or "kd")
     if "embedding" in loss_w or "hidden" in loss_w or "attention" in loss_w:
         raise ConfigError("classifier distillation takes the kd and ce losses")
@@ -304,10 +302,40 @@ def _classifier_task(t_model, s_model, src, data, evalset, losses, max_length, f
 
 def _save_student(model: nn.Module, src, teacher, student, out: Path) -> None:
     """Atomically write the student where ``deployopt optimize`` can take it."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "student.", dir=out))
-    try:
+    factory = student if isinstance(student, str) else (
+        teacher if isinstance(teacher, str) else None)  # fmt: skip
+    lineage = [{"stage": "distill", "from": src.label, "params": _params(model)}]
+    save_model_folder(model, src, out / "student", factory=factory, lineage=lineage)
+
+
+def save_model_folder(
+    model: nn.Module,
+    src,
+    final: Path,
+    *,
+    factory: str | None = None,
+    lineage: list[dict] | None = None,
+    config_extra: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Write ``model`` to the folder ``final`` atomically (built beside it, then renamed in).
+
+    HF models: ``save_pretrained`` (config + safetensors), the source's tokenizer and
+    sentence-transformers pooling files; ``config_extra`` and the ``lineage`` (appended to the
+    source's own) go into config.json. Other modules: ``model.safetensors`` and ``module.json``
+    naming the factory, the input shapes and every module's shape (a pruned module no longer
+    matches what its factory builds). Either folder is what ``deployopt optimize`` takes as is.
+    """
+    from deployopt.torchside.pruning import module_shapes
+    from deployopt.workspace import atomic_dir
+
+    full_lineage = [*getattr(src.meta, "lineage", []), *(lineage or [])]
+    with atomic_dir(Path(final)) as tmp:
         if hasattr(model, "save_pretrained"):
+            cfg = model.config
+            cfg.deployopt_lineage = full_lineage
+            for k, v in (config_extra or {}).items():
+                setattr(cfg, k, v)
             model.save_pretrained(tmp, safe_serialization=True)
             if src.tokenizer is not None:
                 src.tokenizer.save_pretrained(tmp)
@@ -317,19 +345,18 @@ def _save_student(model: nn.Module, src, teacher, student, out: Path) -> None:
                     shutil.copy2(folder / name, tmp / name)
             if (folder / "1_Pooling").is_dir():
                 shutil.copytree(folder / "1_Pooling", tmp / "1_Pooling")
-            final = out / "student"
         else:
             from safetensors.torch import save_model
 
             save_model(model, str(tmp / "model.safetensors"))
-            factory = student if isinstance(student, str) else (
-                teacher if isinstance(teacher, str) else None)  # fmt: skip
-            (tmp / "student.json").write_text(json.dumps({"factory": factory}))
-            final = out / "student"
-        old = out / (TMP_PREFIX + "student-old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shapes = {n: list(t.shape) for n, t in zip(src.input_names, src.example_inputs)}
+            manifest = {
+                "schema": "deployopt.module/1",
+                "factory": factory,
+                "input_shapes": {n: [1, *s[1:]] for n, s in shapes.items()},
+                "shapes": module_shapes(model),
+                "lineage": full_lineage,
+            }
+            (tmp / "module.json").write_text(json.dumps(manifest, indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
