@@ -1,6 +1,7 @@
 """Knowledge distillation on Fashion-MNIST (Debian ``dataset-fashion-mnist``).
 
-Usage:  python benchmarks/distill_fashion.py [--epochs 6] [--seeds 0,1,2] [--out DIR]
+Usage:  python benchmarks/distill_fashion.py [--epochs 6] [--student-epochs N] [--seeds 0,1,2]
+                                             [--out DIR] [--teacher-weights FILE]
 
 1. Trains the teacher CNN (``deployopt.demos.fashion:teacher``, 0.87M params) with deployopt's
    training loop on 55,000 training images (5,000 held out for early stopping).
@@ -46,6 +47,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--student-epochs", type=int, default=None, help="default: --epochs")
+    ap.add_argument(
+        "--teacher-weights", type=Path, default=None, help="reuse a trained teacher's safetensors"
+    )
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="deployopt-fashion-"))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -57,7 +62,16 @@ def main() -> int:
     xtr, ytr, xval, yval = x[:55000], y[:55000], x[55000:], y[55000:]
 
     t0 = time.perf_counter()
-    teacher = train_teacher(out / "teacher", args.epochs)
+    if args.teacher_weights:
+        from safetensors.torch import load_model
+
+        from deployopt.demos.fashion import teacher as make_teacher
+
+        teacher = make_teacher()
+        load_model(teacher, str(args.teacher_weights))
+        teacher.eval()
+    else:
+        teacher = train_teacher(out / "teacher", args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=2e-3, weight_decay=1e-4,
                       warmup_ratio=0.05, patience=2, seed=0, checkpoint_every=10**9)  # fmt: skip
     teacher_acc = accuracy(teacher, xt, yt)
@@ -70,7 +84,7 @@ def main() -> int:
             task = ClassifierTask(teacher, xtr, ytr, xval, yval, losses, temperature=4.0, alpha=0.9)
             torch.manual_seed(seed)
             student = make_student()
-            scfg = replace(cfg, lr=3e-3, seed=seed)
+            scfg = replace(cfg, lr=3e-3, seed=seed, epochs=args.student_epochs or args.epochs)
             t1 = time.perf_counter()
             work = out / f"student-{mode}-{seed}"
             quiet = {"progress": False, "log": lambda s: None}

@@ -872,8 +872,8 @@ def distill(
     loss: Annotated[
         str | None,
         typer.Option(
-            help="Losses with weights: embedding, kd, ce, hidden, attention (e.g. "
-            "embedding,hidden:0.5). Default: embedding for sentence encoders, kd for classifiers."
+            help="Losses with weights: embedding (MSE), cosine (1 - cos), kd, ce, hidden, "
+            "attention (e.g. embedding,hidden:0.5). Default: embedding for sentence encoders, kd for classifiers."
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
@@ -1035,6 +1035,13 @@ def prune(
             "and FFN, or for channels, found by search)."
         ),
     ] = None,
+    target_latency: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of ratios: keep this fraction of the PyTorch latency (batch 1, x seq "
+            "128 for text; timed on this machine, interleaved with the original)."
+        ),
+    ] = None,
     importance: Annotated[
         str | None,
         typer.Option(
@@ -1111,7 +1118,8 @@ def prune(
         model, out, heads=_ratio("--heads")(heads), ffn=_ratio("--ffn")(ffn),
         drop_layers=drop_layers, channels=_ratio("--channels")(channels),
         unstructured=_ratio("--unstructured")(unstructured),
-        target_params=_ratio("--target-params")(target_params), importance=importance,
+        target_params=_ratio("--target-params")(target_params),
+        target_latency=_ratio("--target-latency")(target_latency), importance=importance,
         scope=scope, data=data, labels_column=labels_column, text_column=text_column,
         input_shape=parse_shape_overrides(input_shape or []), weights=weights,
         max_examples=max_examples, importance_examples=importance_examples, max_length=max_length, steps=steps,

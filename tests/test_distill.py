@@ -69,6 +69,9 @@ def test_other_losses():
     e = torch.randn(3, 8)
     assert embedding_loss(e, e, "cosine").item() == pytest.approx(0.0, abs=1e-6)
     assert embedding_loss(-e, e, "cosine").item() == pytest.approx(2.0)
+    from deployopt.stages.distill import parse_losses
+
+    assert parse_losses("embedding,cosine:0.5") == {"embedding": 1.0, "cosine": 0.5}
     with pytest.raises(ValueError, match="shapes differ"):
         hidden_mse(torch.randn(2, 5, 4), h)
 
@@ -113,7 +116,8 @@ def test_embedding_distillation_on_a_tiny_bert(tiny_bert_dir, tmp_path):
     logs = []
     res = distill(
         tiny_bert_dir, data, tmp_path / "out", student_layers="1",
-        losses="embedding,hidden:0.5,attention:0.5", train=FAST, log=logs.append, progress=False,
+        losses="embedding,cosine:0.5,hidden:0.5,attention:0.5", train=FAST, log=logs.append,
+        progress=False,
     )  # fmt: skip
     losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < losses[0]

@@ -249,6 +249,31 @@ def test_iterative_pruning_with_kd_recovery(tmp_path):
     assert res.history[3]["train_loss"] < res.history[2]["train_loss"]
 
 
+def test_bisection_finds_the_smallest_ratio_that_meets_a_target():
+    from deployopt.stages.prune import bisect_ratio
+
+    calls = []
+
+    def left(r):  # share left: 1 - 0.8 r (a floor of 0.2 that pruning cannot remove)
+        calls.append(r)
+        return 1 - 0.8 * r
+
+    r, got = bisect_ratio(left, 0.6, hi=0.95)
+    assert r == pytest.approx(0.5, abs=0.95 / 2**12) and got <= 0.6
+    assert len(calls) == 13  # the upper bound, then 12 halvings
+    with pytest.raises(ValueError):
+        bisect_ratio(left, 0.1, hi=0.95)  # below the floor
+
+
+def test_parameter_target_on_a_transformer(bert, tmp_path):
+    res = deployopt.prune(str(bert), tmp_path / "t", target_params=0.8, log=lambda s: None)
+    got = res.params_after / res.params_before
+    assert got <= 0.8 and res.removed["target"]["params"] == 0.8
+    assert res.removed["target"]["measured"] == pytest.approx(got)
+    with pytest.raises(ConfigError, match="even the largest ratio"):
+        deployopt.prune(str(bert), tmp_path / "u", target_params=0.1, log=lambda s: None)
+
+
 def test_plan_refuses_to_empty_a_layer():
     scores = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])]  # layer 0 is dead
     with pytest.raises(ConfigError, match="would remove all 2 heads of layer 0"):
@@ -266,6 +291,8 @@ CASES = [
     (["--heads", "0.5", "--importance", "gradient"], "gradient importance needs a data sample"),
     (["--drop-layers", "0,1"], "would remove all 2 layers"),
     (["--heads", "0.5", "--recover-epochs", "2"], "recovery fine-tuning needs data"),
+    (["--target-latency", "1.5"], "between 0 and 1"),
+    (["--target-params", "0.5", "--heads", "0.5"], "give either a target or ratios"),
 ]
 
 

@@ -28,7 +28,7 @@ from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections
 from deployopt.torchside.train import TrainConfig, Trainer, dist_info
 from deployopt.workspace import write_json
 
-LOSSES = ("embedding", "kd", "ce", "hidden", "attention")
+LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -245,7 +245,7 @@ def embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length
         tr, ev = _split(len(texts), frac, cfg.seed)
         train_texts, eval_texts = [texts[i] for i in tr], [texts[i] for i in ev]
     t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
-    if "embedding" in loss_w and t_dim != s_dim:
+    if ("embedding" in loss_w or "cosine" in loss_w) and t_dim != s_dim:
         raise ConfigError(
             f"embedding distillation needs the teacher's width ({t_dim}), the student has {s_dim}",
             hint="shrink layers, heads or ffn instead of hidden, or use the hidden loss alone",
@@ -268,7 +268,7 @@ def embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length
 
 def classifier_task(t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a):
     loss_w = parse_losses(losses or "kd")
-    if "embedding" in loss_w or "hidden" in loss_w or "attention" in loss_w:
+    if {"embedding", "cosine", "hidden", "attention"} & set(loss_w):
         raise ConfigError("classifier distillation takes the kd and ce losses")
     if isinstance(data, ImageData):
         x, y = torch.from_numpy(data.images), torch.from_numpy(data.labels)

@@ -86,6 +86,7 @@ def prune(
     channels: float | None = None,
     unstructured: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
     importance: str | None = None,
     scope: str = "layer",
     data: str | Path | None = None,
@@ -109,10 +110,12 @@ def prune(
 
     ``heads``/``ffn`` (transformers), ``channels`` (CNNs) and ``unstructured``: the fraction to
     remove, each in (0, 1). ``drop_layers``: layer indices to delete. ``target_params``: the
-    fraction of parameters to keep instead of ratios. ``importance``: ``gradient`` (needs
-    ``data``; the default when data is given) or ``magnitude``. ``steps`` > 1 prunes
-    iteratively, recovering after each step; ``recover_epochs`` fine-tunes on ``data``, by
-    default with KD from the unpruned model (``recover_kd=False``: labels only).
+    fraction of parameters to keep instead of ratios; ``target_latency``: the fraction of the
+    PyTorch latency to keep (batch 1, x seq 128 for text, timed interleaved with the original).
+    ``importance``: ``gradient`` (needs ``data``; the default when data is given) or
+    ``magnitude``. ``steps`` > 1 prunes iteratively, recovering after each step;
+    ``recover_epochs`` fine-tunes on ``data``, by default with KD from the unpruned model
+    (``recover_kd=False``: labels only).
     """
     from deployopt.sources import load_source
 
@@ -120,6 +123,8 @@ def prune(
     out = Path(out)
     cfg = train or TrainConfig(epochs=max(1, recover_epochs), lr=5e-5)
     _check_args(heads, ffn, channels, unstructured, target_params, steps, recover_epochs, data)
+    if target_latency is not None:
+        pr.check_ratio(target_latency, "target-latency")
     importance = importance or ("gradient" if data is not None else "magnitude")
     if importance not in ("gradient", "magnitude"):
         raise ConfigError(f"unknown importance {importance!r}", hint="magnitude or gradient")
@@ -153,11 +158,14 @@ def prune(
     for p in job.original.parameters():
         p.requires_grad_(False)
     before = _params(original)
-    if target_params is not None:
-        heads, ffn, channels = _ratios_for_target(job, target_params, heads, ffn, channels)
-        log(f"prune: keeping {target_params:.0%} of parameters -> ratio {heads or channels:.3f}")
-
     removed: dict[str, Any] = {"importance": importance, "scope": scope}
+    if target_params is not None or target_latency is not None:
+        if target_params is not None and target_latency is not None:
+            raise ConfigError("give --target-params or --target-latency, not both")
+        target = {"params": target_params} if target_params else {"latency": target_latency}
+        (heads, ffn, channels), removed["target"] = _ratios_for_target(
+            job, target, heads, ffn, channels, log
+        )
     history: list[dict] = []
     metrics: dict[str, dict] = {}
     task = _task(job, recover_kd, cfg) if dataset is not None else None
@@ -241,38 +249,115 @@ def _check_args(heads, ffn, channels, unstructured, target, steps, recover_epoch
         raise ConfigError("recovery fine-tuning needs data", hint="pass --data FILE or a name")
 
 
-def _ratios_for_target(job: _Job, keep: float, heads, ffn, channels):
-    """One ratio (for heads and FFN together, or for channels) that leaves ``keep`` of the
-    parameters, by bisection on copies pruned by magnitude (counts do not depend on which)."""
-    if heads or ffn or channels:
-        raise ConfigError("give either --target-params or ratios, not both")
-    total = _params(job.original)
-
-    def params_at(r: float) -> int:
-        m = copy.deepcopy(job.original)
-        if job.kind == "transformer":
-            bl = pr.blocks(m)
-            hs, fs = pr.magnitude_importance(bl)
-            pr.prune_heads(m, pr.plan_removal(hs, r, "heads"))
-            pr.prune_ffn(m, pr.plan_removal(fs, r, "ffn"))
-        else:
-            pr.prune_channels(m, job.src.example_inputs[0][:1], r)
-        return _params(m)
-
-    lo, hi = 0.0, 0.95
-    if params_at(hi) > keep * total:
-        raise ConfigError(
-            f"--target-params {keep}: even pruning 95% leaves {params_at(hi) / total:.2f}",
-            hint="embeddings and other unprunable weights set a floor; aim higher",
-        )
-    for _ in range(14):
+def bisect_ratio(measure: Callable[[float], float], goal: float, hi: float, iters: int = 12):
+    """The smallest pruning ratio r in (0, hi] with ``measure(r) <= goal``, for a ``measure``
+    that falls as r grows (the share of parameters or of latency left). Returns (r, measured);
+    raises when even ``hi`` does not reach the goal."""
+    at_hi = measure(hi)
+    if at_hi > goal:
+        raise ValueError(at_hi)
+    lo, best = 0.0, (hi, at_hi)
+    for _ in range(iters):
         mid = (lo + hi) / 2
-        if params_at(mid) > keep * total:
+        m = measure(mid)
+        if m > goal:
             lo = mid
         else:
-            hi = mid
-    r = max(hi, 1e-3)
-    return (r, r, None) if job.kind == "transformer" else (None, None, r)
+            hi, best = mid, (mid, m)
+    return best
+
+
+def _pruned_copy(job: _Job, r: float) -> nn.Module:
+    """The original pruned by ``r`` (heads and FFN, or channels) by magnitude: for sizing only
+    (the count removed does not depend on which units go)."""
+    m = copy.deepcopy(job.original)
+    if job.kind == "transformer":
+        bl = pr.blocks(m)
+        hs, fs = pr.magnitude_importance(bl)
+        pr.prune_heads(m, pr.plan_removal(hs, r, "heads"))
+        pr.prune_ffn(m, pr.plan_removal(fs, r, "ffn"))
+    else:
+        pr.prune_channels(m, job.src.example_inputs[0][:1], r)
+    return m
+
+
+def _timing_inputs(job: _Job, seq: int = 128) -> dict | tuple:
+    """Batch 1 (x seq 128 for text): the shape the latency target is measured at."""
+    if job.kind == "transformer" and job.src.tokenizer is not None:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 2000, (1, seq), generator=g)
+        feats = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "token_type_ids" in job.src.input_names:
+            feats["token_type_ids"] = torch.zeros_like(ids)
+        return feats
+    return tuple(t[:1] for t in job.src.example_inputs)
+
+
+def latency_ratio(model: nn.Module, ref: nn.Module, inputs, rounds: int = 15) -> float:
+    """Median over interleaved pairs of (model time / ref time), PyTorch eager: machine drift
+    hits both sides of a pair alike."""
+    import statistics
+
+    def run(m) -> float:
+        t = time.perf_counter()
+        if isinstance(inputs, dict):
+            m(**inputs)
+        else:
+            m(*inputs)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for _ in range(3):
+            run(model)
+            run(ref)
+        pairs = []
+        for i in range(rounds):  # alternate which goes first
+            if i % 2:
+                a, b = run(model), run(ref)
+            else:
+                b = run(ref)
+                a = run(model)
+            pairs.append(a / b)
+    return statistics.median(pairs)
+
+
+def _ratios_for_target(job: _Job, target: dict, heads, ffn, channels, log):
+    """One ratio (for heads and FFN together, or for channels) that leaves ``target["params"]``
+    of the parameters or ``target["latency"]`` of the PyTorch latency (batch 1, x seq 128 for
+    text), by bisection."""
+    if heads or ffn or channels:
+        raise ConfigError("give either a target or ratios, not both")
+    if job.kind == "transformer":
+        units = [n for b in pr.blocks(job.original) for n in (b.heads, b.ffn)]
+        hi = min(0.95, min((n - 0.5) / n for n in units) - 1e-6)  # never empty a layer
+    else:
+        hi = 0.95
+    total = _params(job.original)
+    what, goal = next(iter(target.items()))
+    if what == "params":
+
+        def measure(r):  # noqa: E306
+            return _params(_pruned_copy(job, r)) / total
+    else:
+        inputs = _timing_inputs(job)
+
+        def measure(r):  # noqa: E306
+            return latency_ratio(_pruned_copy(job, r).eval(), job.original, inputs)
+
+    try:
+        r, got = bisect_ratio(measure, goal, hi)
+    except ValueError as e:
+        raise ConfigError(
+            f"--target-{what} {goal}: even the largest ratio ({hi:.2f}) leaves "
+            f"{float(e.args[0]):.2f} of the {what}",
+            hint="embeddings and other unprunable parts set a floor; aim higher",
+        ) from None
+    log(f"prune: target {what} {goal:.2f} -> ratio {r:.3f} (measured {got:.3f})")
+    return ((r, r, None) if job.kind == "transformer" else (None, None, r)), {
+        what: goal,
+        "ratio": r,
+        "measured": got,
+    }
 
 
 # ------------------------------------------------------------------ one pruning step

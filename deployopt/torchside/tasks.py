@@ -94,9 +94,10 @@ class ClassifierTask:
 
 @dataclass
 class EmbeddingTask:
-    """Sentence-embedding distillation on unlabelled text: pooled-embedding loss (MSE or
-    cosine), optionally hidden-state MSE and attention KL on a layer mapping. Scored by the
-    mean cosine between student and teacher embeddings on held-out text."""
+    """Sentence-embedding distillation on unlabelled text: pooled-embedding loss (``embedding``:
+    MSE; ``cosine``: 1 - cosine), optionally hidden-state MSE and attention KL on a layer
+    mapping. Scored by the mean cosine between student and teacher embeddings on held-out
+    text."""
 
     teacher: nn.Module
     tokenizer: object
@@ -141,6 +142,8 @@ class EmbeddingTask:
         total = self.losses.get("embedding", 0.0) * embedding_loss(
             emb, self.cache[idx], self.embedding_kind
         )
+        if "cosine" in self.losses:  # 1 - cosine: the direction alone, what retrieval uses
+            total = total + self.losses["cosine"] * embedding_loss(emb, self.cache[idx], "cosine")
         if need_h or need_a:
             with torch.no_grad():
                 t_out = self.teacher(
