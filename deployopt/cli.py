@@ -28,6 +28,7 @@ app = typer.Typer(
     "model rejected, 6 no viable variant, 7 unsafe input refused, 8 export parity failed, "
     "70 internal error.",
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
     pretty_exceptions_enable=False,
 )
 
