@@ -3,6 +3,7 @@
 Usage:  python benchmarks/distill_minilm.py [--out DIR] [--epochs 3] [--max-examples 12000]
                                             [--layers 0,2,5] [--loss embedding,cosine]
                                             [--lr 2e-4] [--threads 2] [--continue-from DIR]
+                                            [--chunk-words N]
 
 ``--continue-from OUT/distill/student`` trains an earlier run's student further (a new warm-up
 and decay) on the same corpus, then measures as below.
@@ -54,6 +55,9 @@ def main() -> int:
     ap.add_argument("--loss", default="embedding,cosine")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument(
+        "--chunk-words", type=int, default=0, help="split texts into pieces of this many words"
+    )
+    ap.add_argument(
         "--continue-from",
         type=Path,
         default=None,
@@ -69,6 +73,12 @@ def main() -> int:
     corpus = (
         orange_tab("20newsgroups").texts + orange_tab("20newsgroups-test").texts + bbc_news().texts
     )
+    if args.chunk_words:  # every part of a long post, not only its first 128 tokens
+        corpus = [
+            " ".join(w[i : i + args.chunk_words])
+            for w in (t.split() for t in corpus)
+            for i in range(0, len(w), args.chunk_words)
+        ]
     rng = np.random.default_rng(0)
     corpus = [corpus[i] for i in rng.permutation(len(corpus))[: args.max_examples]]
     data = out / "corpus.txt"
