@@ -129,12 +129,13 @@ def distill(
 
     if isinstance(dataset, TextData) and src.meta.task == "feature-extraction":
         task, loss_w, extra = embedding_task(
-            t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg
-        )
+            t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg,
+            progress,
+        )  # fmt: skip
     else:
         task, loss_w, extra = classifier_task(
             t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
-            temperature, alpha,
+            temperature, alpha, progress,
         )  # fmt: skip
     log(
         f"distill: teacher {_params(t_model) / 1e6:.2f}M params -> student "
@@ -234,7 +235,9 @@ def _student(t_model, src, layers, student, size) -> tuple[nn.Module, str]:
     return st.select_layers(t_model, keep), f"teacher layers {keep} of {total}"
 
 
-def embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg):
+def embedding_task(
+    t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg, progress=False
+):
     loss_w = parse_losses(losses or "embedding")
     if "kd" in loss_w or "ce" in loss_w:
         raise ConfigError("a sentence encoder has no logits: use embedding, hidden, attention")
@@ -261,12 +264,14 @@ def embedding_task(t_model, s_model, src, data, evalset, losses, how, max_length
         projs = projections_for(layer_map, s_dim, t_dim)
     task = EmbeddingTask(
         t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
-        projections=projs,
+        projections=projs, progress=progress,
     )  # fmt: skip
     return task, loss_w, [projs] if projs is not None else []
 
 
-def classifier_task(t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a):
+def classifier_task(
+    t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a, progress=False
+):
     loss_w = parse_losses(losses or "kd")
     if {"embedding", "cosine", "hidden", "attention"} & set(loss_w):
         raise ConfigError("classifier distillation takes the kd and ce losses")
@@ -297,7 +302,7 @@ def classifier_task(t_model, s_model, src, data, evalset, losses, max_length, fr
         y, ey = (y[tr], y[ev]) if y is not None else (None, None)
     if ey is None:
         raise DataError("evaluation needs labels: give --labels-column or --eval-data with labels")
-    return ClassifierTask(t_model, x, y, ex, ey, loss_w, t, a), loss_w, []
+    return ClassifierTask(t_model, x, y, ex, ey, loss_w, t, a, progress), loss_w, []
 
 
 def _save_student(model: nn.Module, src, teacher, student, out: Path) -> None:

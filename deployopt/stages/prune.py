@@ -168,7 +168,7 @@ def prune(
         )
     history: list[dict] = []
     metrics: dict[str, dict] = {}
-    task = _task(job, recover_kd, cfg) if dataset is not None else None
+    task = _task(job, recover_kd, cfg, progress) if dataset is not None else None
     if task is not None:
         metrics["original"] = task.evaluate(job.original)
     work = out.parent / (TMP_PREFIX + out.name + ".work")
@@ -484,7 +484,7 @@ def _grad_loss(job: _Job):
 # ------------------------------------------------------------------ recovery
 
 
-def _task(job: _Job, kd: bool, cfg: TrainConfig):
+def _task(job: _Job, kd: bool, cfg: TrainConfig, progress: bool = False):
     """The distillation task that scores the model (and trains it in recovery): the unpruned
     model is the teacher."""
     d = job.data
@@ -492,14 +492,15 @@ def _task(job: _Job, kd: bool, cfg: TrainConfig):
         if not kd:
             raise ConfigError("a sentence encoder recovers only by distillation (drop --no-kd)")
         task, _, _ = embedding_task(
-            job.original, job.model, job.src, d, None, "embedding", "", job.max_length, 0.1, cfg
-        )
+            job.original, job.model, job.src, d, None, "embedding", "", job.max_length, 0.1, cfg,
+            progress,
+        )  # fmt: skip
         return task
     if not kd and isinstance(d, TextData) and d.labels is None:
         raise DataError(f"{d.source}: recovery without KD needs labels (--labels-column)")
     task, _, _ = classifier_task(
         job.original, job.model, job.src, d, None, "kd" if kd else "ce", job.max_length, 0.1,
-        cfg, 4.0, 0.5,
+        cfg, 4.0, 0.5, progress,
     )  # fmt: skip
     return task
 

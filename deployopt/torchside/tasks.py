@@ -29,8 +29,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _in_chunks(fn, n: int, size: int = 64) -> torch.Tensor:
-    return torch.cat([fn(torch.arange(i, min(n, i + size))) for i in range(0, n, size)])
+def _in_chunks(fn, n: int, size: int = 64, desc: str | None = None) -> torch.Tensor:
+    """``fn`` over the indices ``0..n`` in chunks; ``desc`` shows a progress bar (teacher caching
+    over tens of thousands of examples takes minutes)."""
+    starts = range(0, n, size)
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    return torch.cat([fn(torch.arange(i, min(n, i + size))) for i in starts])
 
 
 @dataclass
@@ -50,10 +57,15 @@ class ClassifierTask:
     losses: Mapping[str, float]
     temperature: float = 4.0
     alpha: float = 0.9
+    progress: bool = False
 
     def __post_init__(self):
         self.teacher.eval()
-        self.cache = _in_chunks(lambda i: _logits(self._run(self.teacher, self.inputs, i)), self.n)
+        self.cache = _in_chunks(
+            lambda i: _logits(self._run(self.teacher, self.inputs, i)),
+            self.n,
+            desc="teacher outputs" if self.progress else None,
+        )
 
     @property
     def n(self) -> int:
@@ -108,14 +120,18 @@ class EmbeddingTask:
     max_length: int = 128
     embedding_kind: str = "mse"
     projections: nn.ModuleList | None = None
+    progress: bool = False
 
     def __post_init__(self):
         self.teacher.eval()
         self.enc = self._encode(self.texts)
         self.eval_enc = self._encode(self.eval_texts)
-        self.cache = _in_chunks(lambda i: self._embed(self.teacher, self.enc, i), len(self.texts))
+        desc = "teacher outputs" if self.progress else None
+        self.cache = _in_chunks(
+            lambda i: self._embed(self.teacher, self.enc, i), len(self.texts), desc=desc
+        )
         self.eval_cache = _in_chunks(
-            lambda i: self._embed(self.teacher, self.eval_enc, i), len(self.eval_texts)
+            lambda i: self._embed(self.teacher, self.eval_enc, i), len(self.eval_texts), desc=desc
         )
 
     def _encode(self, texts):
