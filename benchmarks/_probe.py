@@ -45,3 +45,17 @@ def machine_line(target) -> str:
         f"machine: {env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
         f"threads={target.threads}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}"
     )
+
+
+def paired_ratio(new, baseline, target, processes: int = 3, rounds: int = 10):
+    """Latency ratio new/baseline at batch 1 x seq 128 with its 90% interval, measured as the
+    release gate measures a regression: ``processes`` pairs of fresh workers (order alternating),
+    ``rounds`` interleaved rounds each, a two-stage bootstrap over pairs and rounds."""
+    from deployopt.benchmark import BenchSpec
+    from deployopt.gating import regression
+
+    spec = BenchSpec(batch=1, seq=128, min_samples=10 * rounds, min_seconds=6.0, rounds=rounds)
+    check, results = regression(new, baseline, target, spec, max_slowdown=0.0, processes=processes)
+    if check.measured is None or check.ci is None:
+        raise RuntimeError(f"paired measurement failed: {check.message}")
+    return check.measured, check.ci[0], check.ci[1], results
