@@ -840,7 +840,7 @@ def history_cmd(
     "--input-shape x=1x1x28x28 --data fashion-mnist --eval-data fashion-mnist-test -o out\n\n"
     "  torchrun --nproc_per_node 2 -m deployopt distill ...   (DistributedDataParallel)\n\n"
     "Packaged datasets for --data: fashion-mnist, fashion-mnist-test, reuters-r8, "
-    "reuters-r8-test, 20newsgroups, 20newsgroups-test, bbc-news."
+    "reuters-r8-test, reuters-r52, reuters-r52-test, 20newsgroups, 20newsgroups-test, bbc-news."
 )
 def distill(
     teacher: Annotated[

