@@ -252,3 +252,47 @@ def test_drift_of_round_medians_warns_past_ten_percent():
     assert single.drift is None
     (w,) = drift_warnings([steady, drifting, single])
     assert w.startswith("b: round medians varied by 50% (8-12 ms)")
+
+
+def test_a_target_can_switch_off_the_skip_layernorm_fusion(tmp_path):
+    """The README's CPU tip: the session config entry that keeps onnxruntime from fusing a
+    residual Add + LayerNormalization into SkipLayerNormalization, and that a target's
+    session_config reaches the session (the benchmark runs the model either way)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "s"], ["a"]),
+            helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1),
+        ],
+        "residual_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", d]) for n in "xs"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d])],
+        [
+            numpy_helper.from_array(np.ones(d, np.float32), "g"),
+            numpy_helper.from_array(np.zeros(d, np.float32), "b"),
+        ],
+    )
+    path = tmp_path / "ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    entry = {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"}
+
+    def optimized_ops(config):
+        so = ort.SessionOptions()
+        for k, v in config.items():
+            so.add_session_config_entry(k, v)
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+    assert optimized_ops({}) == ["SkipLayerNormalization"]
+    assert optimized_ops(entry) == ["Add", "LayerNormalization"]
+    target = Target(name="cpu-nosln", ep="cpu", threads=1, session_config=entry)
+    spec = BenchSpec(batch=1, shapes=(("x", (1, 4, d)), ("s", (1, 4, d))), min_samples=5,
+                     min_seconds=0.0, rounds=1)  # fmt: skip
+    res = bench_models({"ln": str(path)}, target, spec)["ln"]
+    assert res.valid, res.invalid
+    assert res.env["session:optimization.disable_specified_optimizers"] == "SkipLayerNormFusion"
