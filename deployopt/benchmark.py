@@ -384,18 +384,21 @@ def bench_models(
     log: Callable[[str], None] = lambda s: None,
     timeout_s: float = 600.0,
     serves: Mapping[str, Callable] | None = None,
+    targets: Mapping[str, Target] | None = None,
 ) -> dict[str, BenchResult]:
     """Measure several models on one target in interleaved rounds; one worker per model.
 
     A model whose worker crashes, hangs or cannot run becomes an invalid result with the
     reason; the others are measured on. ``serves`` gives some models another worker main
-    (see :class:`BenchWorker`), e.g. to time a PyTorch reference in the same rounds.
+    (see :class:`BenchWorker`), e.g. to time a PyTorch reference in the same rounds;
+    ``targets`` gives some another target, e.g. the same model under other session options.
     """
     env = fingerprint(target)
     workers = []
     try:
         for name, path in models.items():  # sessions are created one at a time
-            w = BenchWorker(name, str(path), target, spec, timeout_s, (serves or {}).get(name))
+            t = (targets or {}).get(name, target)
+            w = BenchWorker(name, str(path), t, spec, timeout_s, (serves or {}).get(name))
             w.start()
             workers.append(w)
         for r in range(spec.rounds):
@@ -408,7 +411,11 @@ def bench_models(
     finally:
         for w in workers:
             w.close()
-    return {w.name: w.result(env) for w in workers}
+    envs = {target.model_dump_json(): env}  # a worker on another target records that target
+    for w in workers:
+        if w.target.model_dump_json() not in envs:
+            envs[w.target.model_dump_json()] = fingerprint(w.target)
+    return {w.name: w.result(envs[w.target.model_dump_json()]) for w in workers}
 
 
 def fingerprint(target: Target | None = None) -> dict[str, str]:

@@ -248,13 +248,24 @@ def optimize(
             rich_help_panel="Benchmark and selection",
         ),
     ] = "p50",
+    tune_session: Annotated[
+        bool,
+        typer.Option(
+            "--tune-session/--no-tune-session",
+            help="CPU: also measure the chosen model with onnxruntime's SkipLayerNormFusion off "
+            "(its kernel can be slower than the ops it fuses) and write the faster settings to "
+            "OUT/best.session.json.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = True,
 ) -> None:
     """Export a model, build validated variants, benchmark them and ship the best one.
 
     Every variant is proved against its reference on an evaluation set; one outside tolerance
     is kept out and recorded with its numbers. The variants that pass are measured on the
     target in interleaved rounds, and the fastest one meeting the constraints is copied to
-    OUT/best.onnx. Results: OUT/best.onnx, OUT/report.{json,md,html}, OUT/manifest.json and
+    OUT/best.onnx. Results: OUT/best.onnx, OUT/best.session.json (the session settings the
+    chosen model was measured fastest with), OUT/report.{json,md,html}, OUT/manifest.json and
     OUT/variants/<id>/. Exit 6 when no variant qualifies, with every rejection's reason.
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -330,6 +341,7 @@ def optimize(
             max_size_mb=max_size_mb,
             max_latency_ms=max_latency_ms,
             metric=metric,
+            tune_session=tune_session,
         )
     _print_table(result)
     if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
@@ -578,6 +590,10 @@ def _print_table(result) -> None:
         )
     if result.best:
         console.print(f"[bold]best:[/] {result.best}  ({winner})")
+    if result.session:
+        from deployopt.report import session_line
+
+        console.print(f"session: {session_line(result.session)}", highlight=False, soft_wrap=True)
     for kind, path in result.reports.items():
         console.print(f"report ({kind}): {path}", highlight=False)
     console.print(f"manifest: {result.manifest}")

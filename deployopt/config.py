@@ -47,6 +47,7 @@ class OptimizeConfig(BaseModel):
     max_size_mb: float | None = Field(None, gt=0)
     max_latency_ms: float | None = Field(None, gt=0)
     metric: str = Field("p50", pattern="^(p50|p90|p95|p99)$")
+    tune_session: bool = True  # measure the winner under other session settings too
 
     @field_validator("variants")
     @classmethod

@@ -34,6 +34,16 @@ def lineage(variants: Sequence[Mapping[str, Any]], vid: str) -> list[str]:
     return chain[::-1]
 
 
+def session_line(session: dict) -> str:
+    """One line for the recommended session settings (terminal, report.md)."""
+    p50 = ", ".join(f"{k} {v:.2f} ms" for k, v in session["p50_ms"].items())
+    entries = "; ".join(f"{k}={v}" for k, v in session["session_config"].items())
+    return (
+        f"{session['chosen']} ({entries or 'onnxruntime defaults'}); p50 {p50}; "
+        "settings in best.session.json"
+    )
+
+
 def build(
     *,
     source: str,
@@ -181,6 +191,8 @@ def render_md(report: Mapping[str, Any]) -> str:
                 f"**Chosen: {ch['winner']}** → `{ch.get('best_path')}` "
                 f"(fastest on {ch.get('metric', 'p50')} meeting the constraints)"
             )
+            if ch.get("session"):
+                lines.append(f"Session: {session_line(ch['session'])}")
         else:
             lines.append("**No variant qualifies.**")
         lines.append(
@@ -288,6 +300,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         (
             f"<p><b>Chosen: {esc(ch['winner'])}</b> → <code>{esc(str(ch.get('best_path')))}"
             f"</code></p>"
+            + (f"<p>Session: {esc(session_line(ch['session']))}</p>" if ch.get("session") else "")
         )
         if ch.get("winner")
         else "<p><b>No variant qualifies.</b></p>"

@@ -52,6 +52,7 @@ class OptimizeResult:
     bench: dict[str, list] = field(default_factory=dict)  # variant name -> BenchResult per batch
     choice: Any = None  # deployopt.select.Choice once benchmarked
     best: Path | None = None
+    session: dict | None = None  # the session settings recommended for best.onnx (ship.py)
     reports: dict[str, Path] = field(default_factory=dict)
 
     def by_name(self, name: str) -> Variant:

@@ -75,6 +75,14 @@ def synthetic(winner: str | None = "int8-dynamic") -> dict:
         "pareto": ["int8-dynamic", "fuse"],
         "metric": "p50",
         "best_path": "best.onnx" if winner else None,
+        "session": {
+            "chosen": "no-skip-layernorm-fusion",
+            "session_config": {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"},
+            "p50_ms": {"default": 8.6, "no-skip-layernorm-fusion": 7.5},
+            "min_gain": 0.03,
+        }
+        if winner
+        else None,
     }
     return report.build(
         source="tests:model",
@@ -122,6 +130,11 @@ def test_markdown_table_and_no_winner():
     row = next(ln for ln in md.splitlines() if ln.startswith("| int8-dynamic "))
     assert "**chosen**" in row and "fp32 > int8-dynamic" in row
     assert "bench invalid" in next(ln for ln in md.splitlines() if ln.startswith("| int8-static"))
+    assert (
+        "Session: no-skip-layernorm-fusion (optimization.disable_specified_optimizers="
+        "SkipLayerNormFusion); p50 default 8.60 ms, no-skip-layernorm-fusion 7.50 ms" in md
+    )
+    assert "Session: no-skip-layernorm-fusion" in report.render_html(synthetic())
     none = report.render_md(synthetic(winner=None))
     assert "**No variant qualifies.**" in none and "**chosen**" not in none
 
@@ -172,6 +185,54 @@ def test_optimize_ends_with_best_onnx_and_reports(tmp_path):
     assert "data:image/png" in (out / "report.html").read_text()
     assert f"**Chosen: {ch.winner.name}**" in (out / "report.md").read_text()
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    # the winner measured again under each session setting; the recommendation follows the rule
+    from deployopt.ship import SESSION_CANDIDATES, pick_session
+
+    session = json.loads((out / "best.session.json").read_text())
+    assert session["schema"] == "deployopt.session/1" and session["model"] == "best.onnx"
+    assert session["execution_provider"] == "cpu"
+    assert set(session["measured_p50_ms"]) == {"default", *SESSION_CANDIDATES}
+    assert all(v > 0 for v in session["measured_p50_ms"].values())
+    assert session["chosen"] == pick_session(session["measured_p50_ms"])
+    expected = SESSION_CANDIDATES.get(session["chosen"], {})
+    assert session["session_config"] == expected
+    assert doc["choice"]["session"]["chosen"] == session["chosen"]
+    assert "Session: " in (out / "report.md").read_text()
+    assert any(m.startswith("session: ") for m in logs)
+
+
+def test_session_rule_and_candidates():
+    from deployopt.presets import Target
+    from deployopt.ship import pick_session, session_targets
+
+    assert pick_session({"default": 10.0, "other": 9.75}) == "default"  # within noise
+    assert pick_session({"default": 10.0, "other": 9.6}) == "other"
+    assert pick_session({"default": 10.0, "other": 12.0}) == "default"
+    cpu = Target(name="cpu-2t", ep="cpu", threads=2, session_config={"a.b": "1"})
+    tuned = session_targets(cpu)
+    assert tuned["default"] is cpu
+    nosln = tuned["no-skip-layernorm-fusion"]
+    assert nosln.threads == 2 and nosln.session_config == {
+        "a.b": "1",
+        "optimization.disable_specified_optimizers": "SkipLayerNormFusion",
+    }
+    # a target that already chooses optimizers, or a GPU target, is measured as it is
+    own = {"optimization.disable_specified_optimizers": "ConstantFolding"}
+    assert list(session_targets(Target(name="t", ep="cpu", session_config=own))) == ["default"]
+    assert list(session_targets(Target(name="cuda", ep="cuda"))) == ["default"]
+
+
+def test_no_session_tuning_when_asked(tmp_path):
+    import deployopt
+
+    out = tmp_path / "out"
+    res = deployopt.optimize(
+        "tests.models:mlp", out, input_shapes={"x": (1, 16)}, variants=["int8-dynamic"],
+        tune_session=False, **FAST,
+    )  # fmt: skip
+    assert res.best is not None and res.session is None
+    assert not (out / "best.session.json").exists()
+    assert json.loads((out / "report.json").read_text())["choice"]["session"] is None
 
 
 def test_no_viable_variant_removes_stale_best(tmp_path):
@@ -180,6 +241,7 @@ def test_no_viable_variant_removes_stale_best(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "best.onnx").write_bytes(b"stale")
+    (out / "best.session.json").write_text("{}")
     res = deployopt.optimize(
         "tests.models:mlp",
         out,
@@ -189,7 +251,7 @@ def test_no_viable_variant_removes_stale_best(tmp_path):
         **FAST,
     )
     assert res.choice.winner is None and res.best is None
-    assert not (out / "best.onnx").exists()
+    assert not (out / "best.onnx").exists() and not (out / "best.session.json").exists()
     assert all(why.startswith("size ") for why in res.choice.rejected.values())
     assert "**No variant qualifies.**" in (out / "report.md").read_text()
 
