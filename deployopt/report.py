@@ -192,7 +192,7 @@ def render_md(report: Mapping[str, Any]) -> str:
                 f"(fastest on {ch.get('metric', 'p50')} meeting the constraints)"
             )
             if ch.get("session"):
-                lines.append(f"Session: {session_line(ch['session'])}")
+                lines += ["", f"Session: {session_line(ch['session'])}"]
         else:
             lines.append("**No variant qualifies.**")
         lines.append(
