@@ -412,10 +412,13 @@ def bench_models(
         for w in workers:
             w.close()
     envs = {target.model_dump_json(): env}  # a worker on another target records that target
+    results = {}
     for w in workers:
-        if w.target.model_dump_json() not in envs:
-            envs[w.target.model_dump_json()] = fingerprint(w.target)
-    return {w.name: w.result(envs[w.target.model_dump_json()]) for w in workers}
+        key = w.target.model_dump_json()
+        if key not in envs:
+            envs[key] = fingerprint(w.target)
+        results[w.name] = w.result(envs[key])
+    return results
 
 
 def fingerprint(target: Target | None = None) -> dict[str, str]:

@@ -149,8 +149,10 @@ def pick_session(p50_ms: Mapping[str, float], min_gain: float = SESSION_MIN_GAIN
 def session_targets(target: Target) -> dict[str, Target]:
     """The target itself (``default``) and each candidate setting added to it. Only for the CPU
     EP, and never over a setting the target already makes."""
+    from deployopt.runtime.session import EP_ALIASES
+
     out = {"default": target}
-    if target.ep.lower() not in ("cpu", "cpuexecutionprovider"):
+    if EP_ALIASES.get(target.ep.lower(), target.ep) != "CPUExecutionProvider":
         return out
     for name, entries in SESSION_CANDIDATES.items():
         if not set(entries) & set(target.session_config):

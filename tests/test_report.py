@@ -220,6 +220,8 @@ def test_session_rule_and_candidates():
     own = {"optimization.disable_specified_optimizers": "ConstantFolding"}
     assert list(session_targets(Target(name="t", ep="cpu", session_config=own))) == ["default"]
     assert list(session_targets(Target(name="cuda", ep="cuda"))) == ["default"]
+    full_name = Target(name="cpu", ep="CPUExecutionProvider")  # the EP's own name works too
+    assert "no-skip-layernorm-fusion" in session_targets(full_name)
 
 
 def test_no_session_tuning_when_asked(tmp_path):
