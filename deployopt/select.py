@@ -23,13 +23,16 @@ class Candidate:
     bench_valid: bool = True
     bench_reason: str = ""
     mean_cosine: float | None = None
+    min_cosine: float | None = None  # the worst sample's cosine
     accuracy_drop: float | None = None  # task metric drop vs the original, in points
     size_mb: float | None = None
+    screened_out: str = ""  # why the screening run kept it out of the full measurement
 
 
 @dataclass(frozen=True)
 class Constraints:
     min_cosine: float = 0.99
+    min_min_cosine: float | None = None  # the worst sample's cosine
     max_accuracy_drop: float | None = None
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
@@ -49,17 +52,19 @@ class Choice:
 
 
 def rejection(c: Candidate, k: Constraints) -> str | None:
-    """Why ``c`` cannot be chosen, or None."""
+    """Why ``c`` cannot be chosen, or None. Accuracy and size come first: they do not depend
+    on the measurement."""
     if c.status != "ok":
         return f"variant {c.status}: {c.reason}" if c.reason else f"variant {c.status}"
-    if not c.bench_valid:
-        return f"benchmark invalid: {c.bench_reason}"
-    if c.latency_ms is None:
-        return "not benchmarked"
     if c.mean_cosine is None:
         return "no parity measurement"
     if c.mean_cosine < k.min_cosine:
         return f"mean cosine {c.mean_cosine:.5f} < {k.min_cosine}"
+    if k.min_min_cosine is not None:
+        if c.min_cosine is None:
+            return "no per-sample cosine to check --min-min-cosine against"
+        if c.min_cosine < k.min_min_cosine:
+            return f"min cosine {c.min_cosine:.5f} < {k.min_min_cosine}"
     if k.max_accuracy_drop is not None:
         if c.accuracy_drop is None:
             return "no task metric to check --max-accuracy-drop against"
@@ -70,6 +75,12 @@ def rejection(c: Candidate, k: Constraints) -> str | None:
             return "size unknown"
         if c.size_mb > k.max_size_mb:
             return f"size {c.size_mb:.3g} MB > {k.max_size_mb:g} MB"
+    if c.screened_out:
+        return f"screened out: {c.screened_out}"
+    if not c.bench_valid:
+        return f"benchmark invalid: {c.bench_reason}"
+    if c.latency_ms is None:
+        return "not benchmarked"
     if k.max_latency_ms is not None and c.latency_ms > k.max_latency_ms:
         return f"{k.metric} {c.latency_ms:.3g} ms > budget {k.max_latency_ms:g} ms"
     return None

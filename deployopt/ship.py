@@ -10,30 +10,22 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from deployopt.benchmark import BenchSpec, bench_models, fingerprint
 from deployopt.config import OptimizeConfig
-from deployopt.presets import Target, resolve_target
+from deployopt.presets import BEST_MODEL, BEST_SESSION, Target, resolve_target
 from deployopt.run import OptimizeResult, manifest_entry
 from deployopt.select import Candidate, Choice, Constraints, choose
 from deployopt.stages.base import EXTERNAL_DATA_FILE
 from deployopt.workspace import TMP_PREFIX, atomic_path, write_json
 
-BEST = "best.onnx"
-SESSION_FILE = "best.session.json"
-# Session settings tried for the winner on the CPU EP, besides the target's own. onnxruntime
-# fuses every residual Add + LayerNormalization into SkipLayerNormalization when it creates a
-# session; that CPU kernel is a scalar loop, measured 3x slower than the two ops it replaces
-# (onnxruntime 1.32, 1 x 128 x 384: 216 vs 68 us), so a transformer may run faster without it.
-SESSION_CANDIDATES: dict[str, dict[str, str]] = {
-    "no-skip-layernorm-fusion": {
-        "optimization.disable_specified_optimizers": "SkipLayerNormFusion"
-    },
-}
-SESSION_MIN_GAIN = 0.03  # a setting must beat the default p50 by this much to be recommended
+BEST = BEST_MODEL
+SESSION_FILE = BEST_SESSION
+# session search: models whose full-run latency is within this share of the winner's
+RUNNER_UP_WITHIN = 0.10
 
 
 def target_of(cfg: OptimizeConfig) -> Target:
@@ -43,6 +35,7 @@ def target_of(cfg: OptimizeConfig) -> Target:
 def constraints_of(cfg: OptimizeConfig) -> Constraints:
     return Constraints(
         min_cosine=cfg.min_cosine,
+        min_min_cosine=cfg.min_min_cosine,
         max_accuracy_drop=cfg.max_accuracy_drop,
         max_size_mb=cfg.max_size_mb,
         max_latency_ms=cfg.max_latency_ms,
@@ -60,11 +53,32 @@ def spec_of(cfg: OptimizeConfig, batch: int) -> BenchSpec:
     )
 
 
+def short_spec(cfg: OptimizeConfig, batch: int) -> BenchSpec:
+    """A third of the full measurement in as many rounds, for screening and the session
+    search (whose decisions use per-round ratios)."""
+    return BenchSpec(
+        batch=batch,
+        seq=cfg.bench_seq,
+        min_samples=max(5, cfg.bench_min_samples // 3),
+        min_seconds=cfg.bench_min_seconds / 3,
+        rounds=cfg.bench_rounds,
+    )
+
+
 def bench_variants(
-    result: OptimizeResult, cfg: OptimizeConfig, target: Target, log: Callable[[str], None]
+    result: OptimizeResult,
+    cfg: OptimizeConfig,
+    target: Target,
+    log: Callable[[str], None],
+    names: Sequence[str] | None = None,
 ) -> dict[str, list]:
-    """Every ok variant on ``target`` at each batch size, interleaved, in worker processes."""
-    models = {v.name: str(v.path) for v in result.variants if v.ok and v.path is not None}
+    """The ok variants (``names``, default all) on ``target`` at each batch size, interleaved,
+    in worker processes."""
+    models = {
+        v.name: str(v.path)
+        for v in result.variants
+        if v.ok and v.path is not None and (names is None or v.name in names)
+    }
     per_variant: dict[str, list] = {name: [] for name in models}
     for batch in cfg.bench_batches:
         log(f"bench: {len(models)} variants on {target.describe()}, batch {batch}")
@@ -78,7 +92,12 @@ def bench_variants(
     return per_variant
 
 
-def candidates(result: OptimizeResult, bench: dict[str, list], metric: str) -> list[Candidate]:
+def candidates(
+    result: OptimizeResult,
+    bench: Mapping[str, list],
+    metric: str,
+    screened_out: Mapping[str, str] | None = None,
+) -> list[Candidate]:
     out = []
     for v in result.variants:
         first = (bench.get(v.name) or [None])[0]
@@ -92,6 +111,8 @@ def candidates(result: OptimizeResult, bench: dict[str, list], metric: str) -> l
                 bench_valid=first.valid if first else True,
                 bench_reason="; ".join(first.invalid) if first else "",
                 mean_cosine=_cosine(v),
+                min_cosine=_cosine(v, "min_cosine"),
+                screened_out=(screened_out or {}).get(v.name, ""),
                 accuracy_drop=v.metrics.get("accuracy_drop"),
                 size_mb=v.metrics["size_bytes"] / 1e6 if v.metrics.get("size_bytes") else None,
             )
@@ -99,8 +120,8 @@ def candidates(result: OptimizeResult, bench: dict[str, list], metric: str) -> l
     return out
 
 
-def _cosine(v) -> float | None:
-    cos = (v.parity or {}).get("mean_cosine")
+def _cosine(v, key: str = "mean_cosine") -> float | None:
+    cos = (v.parity or {}).get(key)
     return 1.0 if cos is None and v.stage == "input" else cos  # the input is the reference
 
 
@@ -135,60 +156,6 @@ def write_best(out: Path, model_path: Path) -> Path:
     return final
 
 
-def pick_session(p50_ms: Mapping[str, float], min_gain: float = SESSION_MIN_GAIN) -> str:
-    """The setting to recommend: ``"default"`` unless another one's p50 is at least
-    ``min_gain`` lower (within that, measurement noise could have picked it).
-
-    >>> pick_session({"default": 10.0, "b": 9.8}), pick_session({"default": 10.0, "b": 9.0})
-    ('default', 'b')
-    """
-    best = min(p50_ms, key=p50_ms.__getitem__)
-    return best if p50_ms[best] <= p50_ms["default"] * (1 - min_gain) else "default"
-
-
-def session_targets(target: Target) -> dict[str, Target]:
-    """The target itself (``default``) and each candidate setting added to it. Only for the CPU
-    EP, and never over a setting the target already makes."""
-    from deployopt.runtime.session import EP_ALIASES
-
-    out = {"default": target}
-    if EP_ALIASES.get(target.ep.lower(), target.ep) != "CPUExecutionProvider":
-        return out
-    for name, entries in SESSION_CANDIDATES.items():
-        if not set(entries) & set(target.session_config):
-            cfg = {**target.session_config, **entries}
-            out[name] = target.model_copy(update={"session_config": cfg})
-    return out
-
-
-def tune_session(
-    model: Path, target: Target, cfg: OptimizeConfig, log: Callable[[str], None]
-) -> dict | None:
-    """Measure the chosen model under each session setting, interleaved, and recommend one."""
-    targets = session_targets(target)
-    if len(targets) == 1:
-        return None
-    log(f"bench: the chosen model under {len(targets)} session settings")
-    res = bench_models(
-        {n: str(model) for n in targets},
-        target,
-        spec_of(cfg, cfg.bench_batches[0]),
-        log=log,
-        timeout_s=cfg.worker_timeout_s,
-        targets=targets,
-    )
-    p50 = {n: r.stats.p50_ms for n, r in res.items() if r.valid and r.stats is not None}
-    if "default" not in p50:
-        return None
-    chosen = pick_session(p50)
-    return {
-        "chosen": chosen,
-        "session_config": dict(targets[chosen].session_config),
-        "p50_ms": p50,
-        "min_gain": SESSION_MIN_GAIN,
-    }
-
-
 def write_session(out: Path, target: Target, tuning: Mapping) -> Path:
     """``best.session.json``: how to create the session that gives the measured numbers."""
     path = out / SESSION_FILE
@@ -203,32 +170,192 @@ def write_session(out: Path, target: Target, tuning: Mapping) -> Path:
             "session_config": tuning["session_config"],
             "measured_p50_ms": tuning["p50_ms"],
             "chosen": tuning["chosen"],
+            "variant": tuning.get("model"),
         },
     )
     return path
 
 
+def screen(
+    result: OptimizeResult,
+    cfg: OptimizeConfig,
+    target: Target,
+    constraints: Constraints,
+    log: Callable[[str], None],
+) -> tuple[list[str], dict[str, str]]:
+    """A short interleaved run of every proved variant; the fastest few that meet the accuracy
+    and size constraints (``SCREEN_KEEP`` by search effort) go on to the full measurement, with
+    the input graph as the reference. Returns (names to measure in full, screened-out reasons);
+    fills ``result.screening`` and ``result.funnel``."""
+    from deployopt.candidates import SCREEN_KEEP
+
+    ok = [v for v in result.variants if v.ok and v.path is not None]
+    keep = SCREEN_KEEP[cfg.search]
+    result.funnel.update(candidates=len(result.variants), parity_passed=len(ok))
+    if keep == 0 or len(ok) <= keep + 1:
+        result.funnel.update(screened=0, measured=len(ok))
+        return [v.name for v in ok], {}
+    log(f"screen: {len(ok)} variants, short interleaved run")
+    res = bench_models(
+        {v.name: str(v.path) for v in ok},
+        target,
+        short_spec(cfg, cfg.bench_batches[0]),
+        log=log,
+        timeout_s=cfg.worker_timeout_s,
+    )
+    result.screening = res
+    pre = choose(
+        candidates(result, {k: [r] for k, r in res.items()}, cfg.metric),
+        replace(constraints, max_latency_ms=None),
+    )
+    top = [c.name for c in pre.ranked[:keep]]
+    base = [v.name for v in ok if v.stage in ("export", "input")]
+    full = list(dict.fromkeys(base + top))
+    limit = pre.ranked[len(top) - 1].latency_ms if top else None
+    out = {}
+    for name, r in res.items():
+        if name in full or name in pre.rejected:
+            continue
+        p = f"{r.stats.percentile(cfg.metric):.3g} ms" if r.valid and r.stats else "invalid"
+        out[name] = (
+            f"screening {cfg.metric} {p}; only the {keep} fastest qualifying "
+            + (f"(<= {limit:.3g} ms) " if limit is not None else "")
+            + "were measured in full"
+        )
+    result.funnel.update(screened=len(ok), measured=len(full))
+    log(f"screen: {len(full)} of {len(ok)} go on to the full measurement: {', '.join(full)}")
+    return full, out
+
+
+def tune_sessions(
+    result: OptimizeResult,
+    cfg: OptimizeConfig,
+    target: Target,
+    log: Callable[[str], None],
+) -> tuple[str, Target, dict] | None:
+    """Search session settings for the winner and its close runners-up, then measure each
+    model under its best setting (and the winner under the target's) in one interleaved run.
+    Returns (model to ship, its tuned target, the record for the report), or None."""
+    from deployopt.candidates import SESSION_MODELS
+    from deployopt.hardware import detect_cpu
+    from deployopt.tuning import (
+        SESSION_MIN_GAIN,
+        describe,
+        is_cpu,
+        pick_paired,
+        search_sessions,
+    )
+
+    ch = result.choice
+    if ch is None or ch.winner is None or not is_cpu(target):
+        return None
+    w = ch.winner
+    models = [
+        c.name
+        for c in ch.ranked[: SESSION_MODELS[cfg.search]]
+        if c.latency_ms <= w.latency_ms * (1 + RUNNER_UP_WITHIN)
+    ]
+    paths = {m: str(result.by_name(m).path) for m in models}
+    log(f"session: searching settings for {', '.join(models)}")
+    layernorm = {m: _has_op(Path(p), "LayerNormalization") for m, p in paths.items()}
+    found = search_sessions(
+        paths,
+        target,
+        short_spec(cfg, cfg.bench_batches[0]),
+        detect_cpu().cores,
+        cfg.search,
+        layernorm,
+        log,
+        cfg.worker_timeout_s,
+    )
+    final = {f"{m} | tuned": m for m in models if m != w.name or found.tuned[m] != target}
+    final[f"{w.name} | default"] = w.name
+    targets = {k: found.tuned[m] for k, m in final.items()}
+    targets[f"{w.name} | default"] = target
+    log(f"session: final interleaved run of {len(final)} model and setting pairs")
+    res = bench_models(
+        {k: paths[m] for k, m in final.items()},
+        target,
+        spec_of(cfg, cfg.bench_batches[0]),
+        log=log,
+        timeout_s=cfg.worker_timeout_s,
+        targets=targets,
+    )
+    p50 = {k: r.stats.percentile(cfg.metric) for k, r in res.items() if r.valid and r.stats}
+    baseline = f"{w.name} | default"
+    if baseline not in p50:
+        return None
+    # the final run decides, by the same rule: a tuned setting (or a runner-up under its own)
+    # must beat the winner under the target's settings clearly, round by round
+    best, ratios = pick_paired(res, baseline)
+    model, tuned = final[best], targets[best]
+    label = describe(tuned, target)
+    measured = {"default": p50[baseline]}
+    if best != baseline:
+        measured[label if model == w.name else f"{model}: {label}"] = p50[best]
+    record = {
+        "chosen": label,
+        "model": model,
+        "session_config": dict(tuned.session_config),
+        "threads": tuned.threads,
+        "graph_optimization": tuned.graph_optimization,
+        "p50_ms": measured,
+        "metric": cfg.metric,
+        "final_run_ms": p50,
+        "final_run_ratio": ratios,
+        "steps": found.steps,
+        "searched": models,
+        "min_gain": SESSION_MIN_GAIN,
+    }
+    if model != w.name:
+        record["replaced"] = (
+            f"{model} under {label} ({p50[best]:.3g} ms) beat {w.name} "
+            f"({p50[baseline]:.3g} ms under the target's settings"
+            + (
+                f", {p50[f'{w.name} | tuned']:.3g} ms under its best"
+                if f"{w.name} | tuned" in p50
+                else ""
+            )
+            + ")"
+        )
+        log(f"session: {record['replaced']}")
+    return model, tuned, record
+
+
+def _has_op(path: Path, op: str) -> bool:
+    import onnx
+
+    return any(n.op_type == op for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]) -> None:
-    """Benchmark, choose, copy the winner and write the reports into ``result``."""
+    """Screen, benchmark, choose, tune the session, copy the winner and write the reports."""
     from deployopt import report
 
     target = None
     constraints = constraints_of(cfg)
     if cfg.bench and any(v.ok for v in result.variants):
         target = target_of(cfg)
-        result.bench = bench_variants(result, cfg, target, log)
-        result.choice = choose(candidates(result, result.bench, cfg.metric), constraints)
+        full, screened_out = screen(result, cfg, target, constraints, log)
+        result.bench = bench_variants(result, cfg, target, log, names=full)
+        cands = candidates(result, result.bench, cfg.metric, screened_out)
+        result.choice = choose(cands, constraints)
         best = result.out_dir / BEST
         (result.out_dir / SESSION_FILE).unlink(missing_ok=True)  # never a stale one
         if result.choice.winner is not None:
+            tuning = tune_sessions(result, cfg, target, log) if cfg.tune_session else None
+            if tuning is not None:
+                model, tuned, record = tuning
+                if model != result.choice.winner.name:
+                    result.choice = _promote(result.choice, model)
+                result.funnel["session_searched"] = len(record["searched"])
             winner = result.by_name(result.choice.winner.name)
             result.best = write_best(result.out_dir, winner.path)
             log(f"chosen: {winner.name} -> {result.best}")
-            tuning = tune_session(winner.path, target, cfg, log) if cfg.tune_session else None
             if tuning is not None:
-                result.session = tuning
-                write_session(result.out_dir, target, tuning)
-                log(f"session: {tuning['chosen']} recommended -> {SESSION_FILE}")
+                result.session = record
+                write_session(result.out_dir, tuned, record)
+                log(f"session: {record['chosen']} recommended -> {SESSION_FILE}")
         else:
             best.unlink(missing_ok=True)
             (result.out_dir / (BEST + ".data")).unlink(missing_ok=True)
@@ -242,19 +369,29 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         constraints=asdict(constraints) if target else None,
         data=result.meta.get("data", {}),
         variants=[
-            {
-                **manifest_entry(v, result.out_dir),
-                "params": dict(v.params),
-                "metrics": dict(v.metrics),
-            }
+            {**manifest_entry(v, result.out_dir), "metrics": dict(v.metrics)}
             for v in result.variants
         ],
         bench={k: [r.to_json() for r in rs] for k, rs in result.bench.items()},
         choice=_choice_json(result.choice, cfg.metric, result.best, result.out_dir, result.session),
         model_lineage=result.meta.get("lineage", []),
+        search={
+            "effort": cfg.search,
+            "cpu": result.meta.get("cpu"),
+            "candidates": result.meta.get("candidates", []),
+            "funnel": dict(result.funnel),
+            "screening": {k: r.to_json() for k, r in result.screening.items()},
+        },
     )
     result.reports = report.write_all(result.out_dir, doc)
     log(f"report: {result.reports['md']}")
+
+
+def _promote(choice: Choice, name: str) -> Choice:
+    """``choice`` with ``name`` (a ranked candidate) as the winner and first in the ranking."""
+    first = next(c for c in choice.ranked if c.name == name)
+    ranked = (first, *(c for c in choice.ranked if c.name != name))
+    return replace(choice, winner=first, ranked=ranked)
 
 
 def _choice_json(

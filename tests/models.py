@@ -25,6 +25,30 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
+def deep_mlp() -> nn.Module:
+    """Five Linear layers: enough weighted MatMuls for the mixed-precision candidates."""
+    torch.manual_seed(0)
+    dims = [16, 32, 32, 32, 32, 4]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims, dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def outlier_mlp() -> nn.Module:
+    """deep_mlp with one outlier feature in the third layer's input: the second layer's output
+    unit 0 scaled up 1000x and the third layer's weights on it scaled down as much. ReLU is
+    positively homogeneous, so the function is the same; per-tensor activation quantization
+    of that input is not (every other feature falls under one quantization step)."""
+    model = deep_mlp()
+    second, third = model[2], model[4]
+    with torch.no_grad():
+        second.weight[0] *= 1000.0
+        second.bias[0] *= 1000.0
+        third.weight[:, 0] /= 1000.0
+    return model
+
+
 class ConvBnRelu(nn.Module):
     def __init__(self):
         super().__init__()
@@ -184,3 +208,38 @@ def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def flat(text: str) -> str:
     """Rich wraps long lines: compare with runs of whitespace collapsed."""
     return " ".join(text.split())
+
+
+def ok_variants(res, stage: str) -> list:
+    """The proved candidates of one stage (e.g. every ``int8-dynamic*`` that passed parity).
+    Which recipe of a stage passes depends on the CPU (u8s8 kernels saturate without VNNI), so
+    tests ask that one does, never which."""
+    return [v for v in res.variants if v.stage == stage and v.ok]
+
+
+def assert_contract(res) -> None:
+    """Every ``ok`` variant meets its stage's tolerance; every failed one says why, with the
+    numbers it was judged on."""
+    from deployopt.parity import EXACT, FP16, INT8
+
+    tolerances = {"export": EXACT, "fuse": EXACT, "fp16": FP16}
+    for v in res.variants:
+        tol = tolerances.get(v.stage, INT8 if v.stage.startswith("int8-") else None)
+        p = v.parity or {}
+        if v.ok:
+            if v.stage == "input":
+                continue
+            assert tol is not None and p, (v.name, "no parity")
+            assert p["nonfinite"] == 0, v.name
+            assert p["mean_cosine"] >= tol.min_mean_cosine, (v.name, p["mean_cosine"])
+            assert p["min_cosine"] >= tol.min_cosine, (v.name, p["min_cosine"])
+            if tol.rel_atol is not None:
+                for o in p["outputs"]:
+                    assert o["max_abs_diff"] <= tol.rel_atol * o["scale"], (v.name, o)
+            if tol.min_argmax_agreement is not None and p.get("argmax_agreement") is not None:
+                assert p["argmax_agreement"] >= tol.min_argmax_agreement, v.name
+        elif v.status == "failed":
+            assert v.reason, v.name
+            assert p or v.metrics.get("search") or "cannot" in v.reason or ":" in v.reason, v.name
+            if p:  # a parity failure names the numbers that failed
+                assert p["failures"] and all(f.split(":")[0] for f in p["failures"]), v.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,188 @@ def test_a_target_can_switch_off_the_skip_layernorm_fusion(tmp_path):
     res = bench_models({"ln": str(path)}, target, spec)["ln"]
     assert res.valid, res.invalid
     assert res.env["session:optimization.disable_specified_optimizers"] == "SkipLayerNormFusion"
+
+
+# ------------------------------------------------------------------ session files
+
+SPIN = {"session.intra_op.allow_spinning": "0"}
+
+
+def write_session_file(folder, threads=1, optimization="basic", config=None, ep="cpu"):
+    """``folder/best.session.json`` as ``deployopt optimize`` writes it (ship.write_session)."""
+    from deployopt.ship import write_session
+
+    target = Target(name="t", ep=ep, threads=threads, graph_optimization=optimization)
+    tuning = {"session_config": dict(SPIN if config is None else config), "chosen": "default"}
+    return write_session(folder, target, {**tuning, "p50_ms": {"default": 1.0}})
+
+
+def optimize_folder(tmp_path, model, **session):
+    """An optimize output folder: best.onnx and (unless ``session`` is None) its session file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.onnx").write_bytes(model.read_bytes())
+    write_session_file(out, **session)
+    return out
+
+
+def test_session_file_applied_to_a_target_keeps_name_and_ep(tmp_path):
+    from deployopt.benchmark import fingerprint
+    from deployopt.presets import apply_session, read_session
+
+    path = write_session_file(tmp_path, threads=2, optimization="basic")
+    doc = json.loads(path.read_text())
+    doc.update(inter_op_num_threads=1, search={"trials": 3})  # newer keys: ignored
+    path.write_text(json.dumps(doc))
+    s = read_session(path)
+    assert (s.path, s.execution_provider, s.threads, s.chosen) == (path, "cpu", 2, "default")
+    assert s.describe() == "2 threads, graph optimization basic, session.intra_op.allow_spinning=0"
+    base = Target(name="edge", threads=4, session_config={"x.y": "1"}, include_copies=True)
+    t = apply_session(base, path)
+    assert (t.name, t.ep, t.threads, t.graph_optimization) == ("edge", "cpu", 2, "basic")
+    assert t.session_config == SPIN and t.include_copies  # the file's config replaces the target's
+    env = fingerprint(t)
+    assert env["threads"] == "2" and env["session:session.intra_op.allow_spinning"] == "0"
+    assert "session:x.y" not in env
+    all_cores = write_session_file(tmp_path, threads=None, optimization="all", config={})
+    t = apply_session(BUILTIN_TARGETS["cpu-1t"], all_cores)
+    assert (t.name, t.threads, t.session_config) == ("cpu-1t", None, {})
+    # the EP is compared by provider, not by spelling
+    doc.update(execution_provider="CPUExecutionProvider")
+    path.write_text(json.dumps(doc))
+    assert apply_session(BUILTIN_TARGETS["cpu"], path).threads == 2
+
+
+def test_a_session_from_another_ep_is_refused(tmp_path):
+    from deployopt.errors import UsageError
+    from deployopt.presets import apply_session
+
+    path = write_session_file(tmp_path, ep="cuda")
+    with pytest.raises(
+        UsageError, match="measured on execution provider 'cuda', target 'cpu'"
+    ) as e:
+        apply_session(BUILTIN_TARGETS["cpu"], path)
+    assert str(path) in e.value.message and "pick a target on 'cuda'" in e.value.hint
+    assert apply_session(BUILTIN_TARGETS["cuda"], path).session_config == SPIN
+
+
+GOOD = {
+    "schema": "deployopt.session/1",
+    "model": "best.onnx",
+    "execution_provider": "cpu",
+    "intra_op_num_threads": 1,
+    "graph_optimization": "all",
+    "session_config": {},
+}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such session file"),
+        ("{not json", "not a JSON session file (Expecting property name"),
+        ("[1, 2]", "not a deployopt session file (schema None"),
+        ({**GOOD, "schema": "deployopt.report/1"}, "(schema 'deployopt.report/1', expected"),
+        ({**GOOD, "intra_op_num_threads": "2"}, "intra_op_num_threads: Input should be a valid"),
+        ({**GOOD, "intra_op_num_threads": 0}, "intra_op_num_threads: Input should be greater"),
+        ({**GOOD, "graph_optimization": "max"}, "graph_optimization: String should match"),
+        ({**GOOD, "session_config": {"k": 1}}, "session_config.k: Input should be a valid string"),
+        ({k: v for k, v in GOOD.items() if k != "execution_provider"}, "execution_provider: Field"),
+    ],
+)
+def test_bad_session_files_name_the_file(tmp_path, content, message):
+    from deployopt.errors import ConfigError
+    from deployopt.presets import read_session
+
+    path = tmp_path / "s.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ConfigError) as e:
+        read_session(path)
+    assert e.value.message.startswith(f"{path}: ") and message in e.value.message
+    assert "\n" not in e.value.message and "best.session.json" in e.value.hint
+    assert e.value.exit_code == 2
+
+
+def test_an_optimize_folder_is_its_best_onnx_and_session(tmp_path):
+    from deployopt.errors import UsageError
+    from deployopt.presets import resolve_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UsageError, match=f"{out}: a folder without best.onnx") as e:
+        resolve_model(out)
+    assert "output folder of `deployopt optimize`" in e.value.hint
+    (out / "best.onnx").write_bytes(b"")
+    assert resolve_model(out) == (out / "best.onnx", None)
+    write_session_file(out)
+    assert resolve_model(out) == (out / "best.onnx", out / "best.session.json")
+    assert resolve_model(out, tmp_path / "s.json") == (out / "best.onnx", tmp_path / "s.json")
+    assert resolve_model(tmp_path / "m.onnx") == (tmp_path / "m.onnx", None)
+    assert resolve_model("m.onnx", "s.json") == (Path("m.onnx"), Path("s.json"))
+
+
+def test_api_bench_measures_a_folder_under_its_session(mlp_onnx, tmp_path):
+    import deployopt
+
+    out = optimize_folder(tmp_path, mlp_onnx, threads=1, optimization="basic")
+    fast = dict(min_samples=5, min_seconds=0.0, rounds=1, history=False)
+    (r,) = deployopt.bench(out, **fast)
+    assert r.valid, r.invalid
+    assert r.model == str(out / "best.onnx") and r.target == "cpu"  # budgets still match
+    assert (r.env["threads"], r.env["graph_optimization"]) == ("1", "basic")
+    assert r.env["session:session.intra_op.allow_spinning"] == "0"
+    assert r.env["session_file"] == str(out / "best.session.json")
+    # an explicit session file wins over the folder's, for every model
+    other = tmp_path / "other"
+    other.mkdir()
+    explicit = write_session_file(other, threads=2, optimization="disable", config={})
+    rs = deployopt.bench([out, mlp_onnx], session=explicit, **fast)
+    for r in rs:
+        assert r.valid and r.env["session_file"] == str(explicit)
+        assert (r.env["threads"], r.env["graph_optimization"]) == ("2", "disable")
+        assert not any(k.startswith("session:") for k in r.env)
+    # a folder and a plain model side by side: each under its own settings
+    folder, plain = deployopt.bench([out, mlp_onnx], threads=1, **fast)
+    assert folder.env["session_file"] == str(out / "best.session.json")
+    assert "session_file" not in plain.env and plain.env["graph_optimization"] == "all"
+    with pytest.raises(deployopt.errors.UsageError, match="--threads 3 and .* disagree"):
+        deployopt.bench(out, threads=3, **fast)
+
+
+def test_bench_cli_folder_prints_the_session(mlp_onnx, tmp_path):
+    out = optimize_folder(tmp_path, mlp_onnx, threads=1)
+    r = run_cli(
+        "bench", str(out), "--min-samples", "5", "--min-seconds", "0", "--rounds", "1",
+        "--no-history", "--json", str(tmp_path / "b.json"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"session settings from {out / 'best.session.json'}: 1 threads, graph optimization "
+        "basic, session.intra_op.allow_spinning=0"
+    ) in r.stdout
+    (res,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert res["model"] == str(out / "best.onnx") and res["env"]["threads"] == "1"
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--session", "{dir}/none.json"], 2, "{dir}/none.json: no such session file"),
+        (["--session", "{dir}/bad.json"], 2, "{dir}/bad.json: not a JSON session file"),
+        (["--session", "{dir}/report.json"], 2, "{dir}/report.json: not a deployopt session"),
+        (["--session", "{dir}/cuda/best.session.json"], 2, "measured on execution provider 'cuda'"),
+        (["{dir}"], 2, "{dir}: a folder without best.onnx"),
+    ],
+)
+def test_bench_cli_session_errors(mlp_onnx, tmp_path, args, code, text):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "report.json").write_text('{"schema": "deployopt.report/1"}')
+    (tmp_path / "cuda").mkdir()
+    write_session_file(tmp_path / "cuda", ep="cuda")
+    argv = [a.replace("{dir}", str(tmp_path)) for a in args]
+    model = [] if argv[0] == str(tmp_path) else [str(mlp_onnx)]
+    r = run_cli("bench", *model, *argv, "--no-history")
+    assert r.returncode == code, r.stdout + r.stderr
+    assert text.replace("{dir}", str(tmp_path)) in " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 
@@ -249,3 +250,69 @@ def test_markdown_and_summary_line():
         "gate FAIL: m.onnx, 3 checks (1 pass, 1 fail, 1 inconclusive)"
     )
     assert g.to_json()["exit_code"] == 1
+
+
+# ------------------------------------------------------------------ worst-sample cosine
+
+
+def test_min_min_cosine_judges_the_worst_sample():
+    b = Budget(min_cosine=0.99, min_min_cosine=0.95)
+    assert b.limits() == {"min_cosine": 0.99, "min_min_cosine": 0.95}
+    assert not b.needs_latency()
+    by = {
+        c.metric: c
+        for c in judge_budget(b, m((), cosine=0.995, worst_cosine=0.94, cosine_note="vs ref"))
+    }
+    assert by["min_cosine"].verdict == Verdict.PASS and by["min_cosine"].measured == 0.995
+    assert by["min_min_cosine"].verdict == Verdict.FAIL and by["min_min_cosine"].measured == 0.94
+    assert by["min_min_cosine"].message == "worst-sample cosine 0.94000 < limit 0.95 (vs ref)"
+    (c,) = judge_budget(Budget(min_min_cosine=0.95), m((), worst_cosine=0.95))
+    assert c.verdict == Verdict.PASS  # equal to the limit passes
+    assert c.message.startswith("worst-sample cosine 0.95000 >= limit 0.95")
+    (c,) = judge_budget(Budget(min_min_cosine=0.9), m((), cosine=0.99, cosine_note="no reference"))
+    assert c.verdict == Verdict.INVALID and c.message == "no reference"
+    (c,) = judge_budget(Budget(target="cpu-1t", min_min_cosine=0.9), m((), worst_cosine=1.0))
+    assert c.verdict == Verdict.INVALID and "never judged across targets" in c.message
+
+
+def test_min_min_cosine_in_a_budget_file(tmp_path):
+    f = tmp_path / "budgets.toml"
+    f.write_text("[[budgets]]\nmin_min_cosine = 0.97\n")
+    (b,) = load_budgets(f)
+    assert b.limits() == {"min_min_cosine": 0.97}
+    f.write_text("[[budgets]]\nmin_min_cosine = 1.5\n")
+    with pytest.raises(ConfigError, match="budget #1: min_min_cosine: Input should be less"):
+        load_budgets(f)
+    with pytest.raises(ValueError, match="max_size_mb, min_cosine or min_min_cosine"):
+        Budget()
+
+
+def test_min_min_cosine_judged_on_a_report(tmp_path):
+    """A report's variant carries parity.min_cosine (the worst sample) beside mean_cosine."""
+    from deployopt.gating import judge_report
+    from tests.test_report import synthetic
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(synthetic()))  # int8-dynamic: mean .993, min .983
+    checks, name, _ = judge_report(path, [Budget(min_cosine=0.99, min_min_cosine=0.98)])
+    assert name == "int8-dynamic" and [c.verdict for c in checks] == [Verdict.PASS] * 2
+    assert [c.measured for c in checks] == [pytest.approx(0.993), pytest.approx(0.983)]
+    (c,) = judge_report(path, [Budget(min_min_cosine=0.985)])[0]
+    assert c.verdict == Verdict.FAIL
+    assert c.message == "worst-sample cosine 0.98300 < limit 0.985 (vs its reference, recorded)"
+    (c,) = judge_report(path, [Budget(min_min_cosine=0.5)], variant="fp32")[0]
+    assert c.verdict == Verdict.INVALID and c.message == "the report has no parity for this variant"
+
+
+def test_a_session_is_applied_to_the_measured_targets_only(tmp_path):
+    from deployopt.gating import with_session
+    from deployopt.presets import BUILTIN_TARGETS, read_session
+    from tests.test_bench import write_session_file
+
+    s = read_session(write_session_file(tmp_path, threads=2))
+    got = with_session(BUILTIN_TARGETS, {"cpu", "cpu-1t", "nope"}, s)
+    assert set(got) == set(BUILTIN_TARGETS)
+    assert (got["cpu"].threads, got["cpu-1t"].threads, got["cpu-1t"].name) == (2, 2, "cpu-1t")
+    assert got["cpu"].session_config == {"session.intra_op.allow_spinning": "0"}
+    assert got["cuda"] == BUILTIN_TARGETS["cuda"]  # not measured on: its EP is not checked
+    assert with_session(BUILTIN_TARGETS, {"cpu"}, None) == BUILTIN_TARGETS

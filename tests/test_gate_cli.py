@@ -47,6 +47,9 @@ def test_report_judged_and_inconclusive_inside_the_ci(report):
         (["--max-size-mb", "30", "--min-cosine", "0.99"], 0, "gate PASS"),
         (["--max-size-mb", "10"], 1, "size 23 MB > limit 10 MB"),
         (["--min-cosine", "0.995"], 1, "mean cosine 0.99300 < limit 0.995"),
+        (["--min-min-cosine", "0.98", "--min-cosine", "0.99"], 0, "gate PASS"),
+        (["--min-min-cosine", "0.985"], 1, "worst-sample cosine 0.98300 < limit 0.985"),
+        (["--session", "s.json", "--p50-ms", "100"], 2, "--session needs a model measured now"),
         (["--p50-ms", "100", "--target", "cpu-1t"], 4, "never judged across targets"),
         (["--p99-ms", "100"], 4, "40 samples are too few for a p99 confidence interval"),
         (["--p50-ms", "100", "--variant", "int8-static"], 4, "measurement invalid"),
@@ -111,7 +114,7 @@ def test_measured_budgets_with_ci_outputs(models, tmp_path):
     budget.write_text(
         "[targets.one]\nep = 'cpu'\nthreads = 1\n\n"
         "[[budgets]]\ntarget = 'one'\nbatch = 2\np50_ms = 1000\np90_ms = 1000\nmax_size_mb = 1\n"
-        "\n[[budgets]]\ntarget = 'cpu'\nmin_cosine = 0.99\n"
+        "\n[[budgets]]\ntarget = 'cpu'\nmin_cosine = 0.99\nmin_min_cosine = 0.99\n"
     )
     history = tmp_path / "h.sqlite"
     out = {k: tmp_path / f"g.{k}" for k in ("xml", "json", "md")}
@@ -138,11 +141,13 @@ def test_measured_budgets_with_ci_outputs(models, tmp_path):
     assert doc["verdict"] == "PASS" and doc["exit_code"] == 0
     by = {c["metric"]: c for c in doc["checks"]}
     assert by["min_cosine"]["measured"] == pytest.approx(1.0)
+    assert by["min_min_cosine"]["measured"] == pytest.approx(1.0)
+    assert by["min_min_cosine"]["message"].startswith("worst-sample cosine 1.00000 >= limit")
     assert doc["results"][0]["target"] == "one" and doc["results"][0]["shapes"]["x"] == [2, 16]
     # p90 needs 35 samples for its CI: the gate measured at least twice that
     assert len(doc["results"][0]["samples_ms"]) >= 70
     suite = ET.parse(out["xml"]).getroot().find("testsuite")
-    assert suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert suite.get("tests") == "5" and suite.get("failures") == "0"
     assert out["md"].read_text().startswith("## deployopt gate: PASS")
     from deployopt.history import History
 
@@ -214,3 +219,58 @@ def test_history_command_lists_compares_and_plots(models, tmp_path):
     r = run_cli("history", "--history", str(corrupt))
     assert r.returncode == 2 and "not a deployopt history database" in flat(r.stderr)
     assert corrupt.read_bytes() == b"garbage" * 100
+
+
+def test_a_folder_is_gated_under_its_session_and_so_is_the_baseline(models, tmp_path):
+    from tests.test_bench import optimize_folder
+
+    fp32, _ = models
+    out = optimize_folder(tmp_path, fp32, threads=2)
+    session = str(out / "best.session.json")
+    r = run_cli(
+        "gate", str(out), "--target", "cpu-1t", "--p50-ms", "1000", *FAST, "--no-history",
+        "--json", str(tmp_path / "g.json"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"session settings from {session}: 2 threads, graph optimization basic" in r.stdout
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert doc["model"] == str(out / "best.onnx") and doc["environment"]["session_file"] == session
+    (res,) = doc["results"]
+    assert res["target"] == "cpu-1t" and doc["checks"][0]["verdict"] == "PASS"  # budget matched
+    assert res["env"]["threads"] == "2" and res["env"]["graph_optimization"] == "basic"
+    assert res["env"]["session:session.intra_op.allow_spinning"] == "0"
+    # with --baseline both models run under the session's settings (a folder: its best.onnx)
+    r = run_cli(
+        "gate", str(fp32), "--session", session, "--baseline", str(out), "--processes", "1",
+        "--max-slowdown", "900%", *FAST, "--no-history", "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    by = {res["name"]: res for res in doc["results"]}
+    assert by["baseline"]["model"] == str(out / "best.onnx") and by["new"]["model"] == str(fp32)
+    for res in doc["results"]:
+        assert (res["env"]["threads"], res["env"]["session_file"]) == ("2", session)
+        assert res["env"]["session:session.intra_op.allow_spinning"] == "0"
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--session", "{dir}/none.json"], 2, "{dir}/none.json: no such session file"),
+        (["--session", "{dir}/bad.json"], 2, "{dir}/bad.json: intra_op_num_threads: Input should"),
+        (["--session", "{dir}/best.session.json"], 2, "measured on execution provider 'cuda'"),
+        (["{dir}"], 2, "{dir}: a folder without best.onnx"),
+    ],
+)
+def test_gate_session_errors(models, tmp_path, args, code, text):
+    from tests.test_bench import write_session_file
+
+    path = write_session_file(tmp_path, ep="cuda")
+    doc = {**json.loads(path.read_text()), "intra_op_num_threads": "2"}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    argv = [a.replace("{dir}", str(tmp_path)) for a in args]
+    model = [] if argv[0] == str(tmp_path) else [str(models[0])]
+    r = run_cli("gate", *model, *argv, "--p50-ms", "1000", "--no-history")
+    assert r.returncode == code, r.stdout + r.stderr
+    assert text.replace("{dir}", str(tmp_path)) in flat(r.stderr)
+    assert "Traceback" not in r.stderr

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.models import optimize_only
+from tests.models import assert_contract, ok_variants, optimize_only
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,14 @@ def test_variants_meet_the_issue_targets(minilm_run):
     fuse = minilm_run.by_name("fuse")
     assert fuse.ok and fuse.metrics["fused"].get("Attention") == 6
     assert fuse.metrics["fused"].get("SkipLayerNormalization", 0) >= 12
-    dyn = minilm_run.by_name("int8-dynamic")
-    assert dyn.ok and dyn.parity["mean_cosine"] >= 0.99
-    assert dyn.parity["samples"] >= 200
+    assert_contract(minilm_run)
+    dyn = ok_variants(minilm_run, "int8-dynamic")
+    assert dyn and all(v.parity["samples"] >= 200 for v in dyn)
     assert minilm_run.by_name("fp16").parity["mean_cosine"] >= 0.999
     manifest = json.loads(minilm_run.manifest.read_text())
-    assert {v["name"] for v in manifest["variants"]} == {"fp32", "fuse", "int8-dynamic", "fp16"}
+    names = {v["name"] for v in manifest["variants"]}
+    assert {"fp32", "fuse", "int8-dynamic", "int8-dynamic/fused", "fp16"} <= names
+    # mixed precision reaches a worst-case bound plain int8 cannot (0.977 here): keeping half
+    # the MatMuls fp32 gave min cosine 0.998 (AMD EPYC with VNNI)
+    mixed = [v for v in dyn if v.params.get("fp32_matmuls") == 18]
+    assert mixed and mixed[0].parity["min_cosine"] >= 0.99

@@ -42,7 +42,7 @@ def test_all_rejected_gives_no_winner():
 
 def test_missing_metrics_are_rejected_not_crashing():
     cands = [
-        Candidate(id="a", name="a", mean_cosine=1.0),  # not benchmarked
+        Candidate(id="a", name="a", mean_cosine=1.0, size_mb=1.0),  # not benchmarked
         Candidate(id="b", name="b", latency_ms=3.0),  # no parity
         cand("c", 9.0, mb=None),
     ]
@@ -82,3 +82,21 @@ def test_pareto_front():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="metric must be one of"):
         Constraints(metric="p42")
+
+
+def test_worst_sample_constraint_and_screened_out_reasons():
+    a = Candidate(id="a", name="a", latency_ms=5.0, mean_cosine=0.995, min_cosine=0.97, size_mb=1)
+    b = Candidate(id="b", name="b", latency_ms=7.0, mean_cosine=0.998, min_cosine=0.992, size_mb=1)
+    c = Candidate(
+        id="c", name="c", mean_cosine=0.999, min_cosine=0.999, size_mb=1, screened_out="x"
+    )
+    d = Candidate(id="d", name="d", latency_ms=4.0, mean_cosine=0.999, size_mb=1)  # no min
+    assert choose([a, b, c], Constraints()).winner.name == "a"
+    ch = choose([a, b, c, d], Constraints(min_min_cosine=0.99))
+    assert ch.winner.name == "b"
+    assert ch.rejected["a"] == "min cosine 0.97000 < 0.99"
+    assert ch.rejected["c"] == "screened out: x"
+    assert ch.rejected["d"] == "no per-sample cosine to check --min-min-cosine against"
+    # accuracy is judged before the screening verdict: the reason that does not depend on timing
+    worse = Candidate(id="e", name="e", mean_cosine=0.9, min_cosine=0.9, screened_out="x")
+    assert choose([worse], Constraints()).rejected["e"] == "mean cosine 0.90000 < 0.99"

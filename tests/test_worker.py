@@ -62,7 +62,7 @@ def test_crashing_variant_fails_and_the_run_goes_on(tmp_path, monkeypatch):
     fuse = res.by_name("fuse")
     assert fuse.status == "failed"
     assert "worker died from signal SIGSEGV" in fuse.reason
-    assert res.by_name("int8-dynamic").ok
+    assert any(v.ok for v in res.variants if v.stage == "int8-dynamic")
 
 
 def crash_if_fuse(path, batches, threads=None):

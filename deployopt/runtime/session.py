@@ -60,13 +60,15 @@ def create_session(
 ):
     """An InferenceSession on one EP (CPU as the fallback for unsupported nodes).
 
-    ``optimization``: ``all`` (ORT default), ``basic`` or ``disable``; ``session_config``:
+    ``optimization``: ``all`` (ORT default), ``extended`` (no layout transformations),
+    ``basic`` or ``disable``; ``session_config``:
     onnxruntime session config entries (``session.intra_op.allow_spinning``, ...).
     """
     rt = ort()
     so = rt.SessionOptions()
     levels = {
         "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "disable": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }
@@ -95,6 +97,39 @@ def run_batches(session, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[
     for b in batches:
         res = session.run(names, {k: v for k, v in b.items() if k in wanted})
         out.append(dict(zip(names, res)))
+    return out
+
+
+def intermediate_tensors(
+    model, names: Sequence[str], batches: Sequence[dict[str, np.ndarray]], reduce=None
+) -> dict[str, list]:
+    """Run ``model`` (a ModelProto, not modified) with the tensors ``names`` made graph
+    outputs, unoptimized so every tensor exists, on ``batches``; return each tensor's values
+    per batch, passed through ``reduce(name, array)`` when given (to keep memory bounded).
+    The probe model lives in a temporary folder that is removed afterwards."""
+    import tempfile
+
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for t in dict.fromkeys(names):
+        if t and t not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    wanted = set(names)
+    out: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="deployopt-probe-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save_model(probe, str(path))
+        sess = create_session(path, optimization="disable")
+        outputs = [o.name for o in sess.get_outputs()]
+        feeds = {i.name for i in sess.get_inputs()}
+        for b in batches:
+            res = sess.run(outputs, {k: v for k, v in b.items() if k in feeds})
+            for name, arr in zip(outputs, res):
+                if name in wanted:
+                    out.setdefault(name, []).append(reduce(name, arr) if reduce else arr)
     return out
 
 

@@ -1,4 +1,7 @@
-"""The stage contract: read one variant, write one model into a fresh folder, never mutate input."""
+"""The stage contract: read one variant, write one model into a fresh folder, never mutate input.
+
+Stages have a class-level ``name`` (the stage) and a ``label`` (the variant they produce; one
+stage can produce several candidates, e.g. ``int8-dynamic`` and ``int8-dynamic/fused``)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class Context:
     threads: int | None = None
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
+    # derived data several stages share (e.g. a MatMul error ranking), computed once per run
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,10 +45,11 @@ class StageOutput:
 
 
 class Stage(Protocol):
-    name: ClassVar[str]  # the variant name it produces, e.g. "int8-dynamic"
+    name: ClassVar[str]  # the stage, e.g. "int8-dynamic"
+    label: str  # the variant name it produces, e.g. "int8-dynamic/fused"
     version: ClassVar[int]
     tolerance: ClassVar[Tolerance]
-    parent: ClassVar[Sequence[str]]  # preferred parents, first available wins
+    parent: Sequence[str]  # preferred parents, first available wins
 
     def params(self) -> dict[str, Any]: ...
     def skip_reason(self, src: Path, ctx: Context) -> str | None: ...

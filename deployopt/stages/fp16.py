@@ -19,6 +19,7 @@ FP16_MAX = 65504.0
 
 class Fp16Stage:
     name: ClassVar[str] = "fp16"
+    label = "fp16"
     version: ClassVar[int] = 1
     tolerance = FP16
     parent: ClassVar[tuple[str, ...]] = ("fuse", "fp32")
@@ -40,7 +41,7 @@ class Fp16Stage:
         for i, node in enumerate(model.graph.node):  # the block list addresses nodes by name
             if not node.name:
                 node.name = f"{node.op_type}_{i}"
-        overflow = overflowing_nodes(out_dir, model, ctx.calibration[:4])
+        overflow = overflowing_nodes(model, ctx.calibration[:4])
         blocked_ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.op_block_list))
         fp16 = convert_float_to_float16(
             model,
@@ -55,37 +56,19 @@ class Fp16Stage:
         return out
 
 
-def overflowing_nodes(scratch: Path, model, batches) -> list[str]:
+def overflowing_nodes(model, batches) -> list[str]:
     """Names of nodes with a float output beyond the fp16 range (or non-finite) on ``batches``."""
-    import onnx
-
-    from deployopt.runtime.session import create_session
+    from deployopt.runtime.session import intermediate_tensors
 
     if not batches:
         return []
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    produced = {}
-    existing = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for o in node.output:
-            if o and o not in existing:
-                produced[o] = node.name
-                probe.graph.output.append(onnx.ValueInfoProto(name=o))
-    tmp = scratch / ".fp16-probe.onnx"
-    try:
-        onnx.save_model(probe, str(tmp))
-        sess = create_session(tmp, optimization="disable")
-        names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        bad: set[str] = set()
-        for b in batches:
-            res = sess.run(names, {k: v for k, v in b.items() if k in wanted})
-            for name, arr in zip(names, res):
-                if name in produced and np.issubdtype(np.asarray(arr).dtype, np.floating):
-                    a = np.asarray(arr)
-                    if a.size and (not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX):
-                        bad.add(produced[name])
-        return sorted(bad)
-    finally:
-        tmp.unlink(missing_ok=True)
+    produced = {o: n.name for n in model.graph.node for o in n.output if o}
+
+    def overflows(_name: str, arr) -> bool:
+        a = np.asarray(arr)
+        if not np.issubdtype(a.dtype, np.floating) or not a.size:
+            return False
+        return bool(not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX)
+
+    seen = intermediate_tensors(model, list(produced), batches, reduce=overflows)
+    return sorted({produced[t] for t, flags in seen.items() if any(flags)})

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from deployopt.candidates import QuantRecipe
 from deployopt.errors import StageError, UsageError
 from deployopt.inputs import Batch, count_samples
 from deployopt.parity import INT8, Tolerance, compare
@@ -42,47 +43,181 @@ def _quiet():
 
 
 class DynamicQuantStage:
-    """Weights int8 ahead of time, activations quantized at run time. Per-channel by default:
-    measured on all-MiniLM-L6-v2 here, per-tensor mean cosine 0.963, per-channel 0.993."""
+    """Weights int8 ahead of time, activations quantized at run time, as one
+    :class:`~deployopt.candidates.QuantRecipe` says: parent graph, per-channel, reduce-range,
+    weight type, op set, and for mixed precision the most error-prone MatMuls kept fp32.
+    Per-channel is the plain recipe: on all-MiniLM-L6-v2, per-tensor gave mean cosine 0.963,
+    per-channel 0.993. Gather quantizes embedding tables: 59 -> 23 MB for mean cosine
+    0.99317 -> 0.99293 (measured on the bundled evaluation set)."""
 
     name: ClassVar[str] = "int8-dynamic"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     tolerance = INT8
-    parent: ClassVar[tuple[str, ...]] = ("fp32",)
 
-    # Gather quantizes embedding tables: all-MiniLM-L6-v2 goes 59 -> 23 MB for mean cosine
-    # 0.99317 -> 0.99293 (measured here on the bundled evaluation set).
-    def __init__(
-        self, per_channel: bool = True, op_types: Sequence[str] = ("MatMul", "Gemm", "Gather")
-    ):
-        self.per_channel = per_channel
-        self.op_types = tuple(op_types)
+    def __init__(self, recipe: QuantRecipe | None = None, timeout_s: float = 600.0):
+        self.recipe = recipe or QuantRecipe("dynamic")
+        if self.recipe.kind != "dynamic":
+            raise ValueError("DynamicQuantStage takes a dynamic recipe")
+        self.label = self.recipe.name
+        self.parent = (self.recipe.parent,)
+        self.timeout_s = timeout_s
 
     def params(self) -> dict[str, Any]:
-        return {
-            "per_channel": self.per_channel,
-            "op_types": list(self.op_types),
-            "weight_type": "int8",
-        }
+        return self.recipe.params()
 
     def skip_reason(self, src: Path, ctx: Context) -> str | None:
         return None
 
     def apply(self, src: Path, out_dir: Path, ctx: Context) -> StageOutput:
         import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import quantize_dynamic
 
+        r = self.recipe
+        exclude: list[str] = []
+        if r.fp32_matmuls:
+            ranking = matmul_ranking(src, ctx, r, self.timeout_s)
+            exclude = [name for name, _ in ranking[: r.fp32_matmuls]]
+        metrics: dict[str, Any] = {}
+        if exclude:
+            metrics["fp32_nodes"] = list(exclude)
+            # the quantizer first rewrites Gemm as MatMul + Add, named "<gemm>_MatMul"
+            gemms = {
+                n.name
+                for n in onnx.load(str(src), load_external_data=False).graph.node
+                if n.op_type == "Gemm"
+            }
+            exclude += [f"{name}_MatMul" for name in exclude if name in gemms]
+        if r.split_skip_layernorm:
+            from deployopt.stages.fuse import split_skip_layernorm
+
+            model = onnx.load(str(src))
+            metrics["split_skip_layernorm"] = split_skip_layernorm(model)
+            src = out_dir / ".split.onnx"  # a scratch file: the runner removes it
+            onnx.save_model(model, str(src))
         with _quiet():
             quantize_dynamic(
                 str(src),
                 str(out_dir / MODEL_FILE),
-                per_channel=self.per_channel,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(self.op_types),
+                per_channel=r.per_channel,
+                reduce_range=r.reduce_range,
+                weight_type=_quant_type(r.weight_type),
+                op_types_to_quantize=list(r.op_types),
+                nodes_to_exclude=exclude,
                 # fused contrib ops carry no type info; without this the quantizer fails on them
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
-        return StageOutput(metrics={"quantized_nodes": _count_quantized(out_dir / MODEL_FILE)})
+        metrics["quantized_nodes"] = _count_quantized(out_dir / MODEL_FILE)
+        return StageOutput(metrics=metrics)
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
+def matmul_ranking(src: Path, ctx: Context, r: QuantRecipe, timeout_s: float):
+    """The weighted MatMuls of ``src`` ranked by their quantization error (most first),
+    computed once per (model, weight scheme) in a worker process and shared by the run."""
+    from deployopt.runtime.worker import run_in_worker
+
+    key = ("matmul_ranking", str(src), r.per_channel, r.reduce_range, r.weight_type)
+    if key not in ctx.cache:
+        ctx.log(f"{r.name}: ranking MatMuls by quantization error")
+        ctx.cache[key] = run_in_worker(
+            matmul_sensitivity,
+            src,
+            ctx.calibration[:8],
+            r.per_channel,
+            r.reduce_range,
+            r.weight_type,
+            timeout_s=timeout_s,
+            label=f"{r.name} sensitivity",
+        )
+    return ctx.cache[key]
+
+
+def matmul_sensitivity(
+    src: Path,
+    batches: list[Batch],
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    weight_type: str = "int8",
+    max_rows: int = 4096,
+) -> list[tuple[str, float]]:
+    """Rank MatMul/Gemm nodes with a constant weight by the relative squared error that dynamic
+    quantization adds to their output, ``||XW - q(X)q(W)||^2 / ||XW||^2``, with X the node's
+    activations on ``batches`` (run on the fp32 graph; per-batch uint8 like onnxruntime's
+    DynamicQuantizeLinear) and W quantized as the recipe does. Most error-prone first.
+
+    A local error, not the model's: cheap (one fp32 run) and, on all-MiniLM-L6-v2, keeping the
+    top quarter fp32 raised the worst sample's cosine from 0.977 to 0.990."""
+    import onnx
+    from onnx import numpy_helper
+
+    from deployopt.runtime.session import intermediate_tensors
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits
+    ]
+    nodes = [n for n in nodes if not _gemm_attr(n, "transA")]
+
+    def rows(_name: str, a) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float32)
+        return a.reshape(-1, a.shape[-1])[:max_rows]
+
+    acts = intermediate_tensors(model, [n.input[0] for n in nodes], batches, reduce=rows)
+    out = []
+    for n in nodes:
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        if w.ndim != 2 or n.input[0] not in acts:
+            continue
+        if _gemm_attr(n, "transB"):
+            w = w.T  # [out, in] -> [in, out]: scales stay per output channel
+        wq = _fake_quant_weight(w, per_channel, reduce_range, weight_type)
+        num = den = 0.0
+        for x in acts[n.input[0]]:
+            y = x @ w
+            d = y - _fake_quant_uint8(x) @ wq
+            num += float((d * d).sum())
+            den += float((y * y).sum())
+        out.append((n.name, num / den if den else 0.0))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def _gemm_attr(node, name: str) -> bool:
+    return node.op_type == "Gemm" and any(a.name == name and a.i for a in node.attribute)
+
+
+def _fake_quant_uint8(x: np.ndarray) -> np.ndarray:
+    """Asymmetric per-tensor uint8 over x's range (zero included), back to float."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if hi == lo:
+        return x
+    scale = (hi - lo) / 255.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def _fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool, wtype: str):
+    """Weights as onnxruntime's dynamic quantizer stores them: int8 symmetric, or uint8
+    asymmetric; 7 bits with ``reduce_range``; one scale per output column when per-channel."""
+    axis = 0 if per_channel else None
+    if wtype == "int8":
+        qmax = 63.0 if reduce_range else 127.0
+        scale = np.abs(w).max(axis=axis, keepdims=True) / qmax
+        scale = np.where(scale == 0, 1.0, scale)
+        return np.clip(np.round(w / scale), -qmax, qmax) * scale
+    levels = 127.0 if reduce_range else 255.0
+    lo = np.minimum(w.min(axis=axis, keepdims=True), 0.0)
+    hi = np.maximum(w.max(axis=axis, keepdims=True), 0.0)
+    scale = np.where(hi == lo, 1.0, (hi - lo) / levels)
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(w / scale) + zp, 0, levels) - zp) * scale
 
 
 def _count_quantized(path: Path) -> int:
@@ -123,6 +258,21 @@ class StaticConfig:
         }
 
 
+def static_search(effort: str, transformer: bool) -> tuple[StaticConfig, ...]:
+    """The static search for an effort level. On transformers, quantizing every op and the
+    histogram calibrators lose (all-MiniLM-L6-v2: all ops 0.36 mean cosine, percentile 0.83,
+    entropy fails, minmax 0.94), so the default effort goes from minmax straight to keeping
+    the most sensitive nodes fp32; the exhaustive effort tries everything."""
+    if effort == "exhaustive" or (effort == "default" and not transformer):
+        return DEFAULT_SEARCH
+    keep = [c for c in DEFAULT_SEARCH if c.method == "minmax"]
+    if transformer:
+        keep = [c for c in keep if c.scope == "linear"]
+    if effort == "quick":
+        keep = [c for c in keep if c.exclude_fraction in (0.0, 0.25, 0.5)]
+    return tuple(keep)
+
+
 DEFAULT_SEARCH = (
     StaticConfig("all ops, minmax", scope="all"),
     StaticConfig("linear ops, minmax"),
@@ -144,16 +294,21 @@ class StaticQuantStage:
     """
 
     name: ClassVar[str] = "int8-static"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     tolerance = INT8
-    parent: ClassVar[tuple[str, ...]] = ("fp32",)
 
     def __init__(
         self,
         methods: Sequence[str] = CALIBRATION_METHODS,
         max_samples: int = 64,
         search: Sequence[StaticConfig] = DEFAULT_SEARCH,
+        recipe: QuantRecipe | None = None,
     ):
+        self.recipe = recipe or QuantRecipe("static")
+        if self.recipe.kind != "static":
+            raise ValueError("StaticQuantStage takes a static recipe")
+        self.label = self.recipe.name
+        self.parent = (self.recipe.parent,)
         bad = [m for m in methods if m not in CALIBRATION_METHODS]
         if bad:
             raise UsageError(
@@ -166,6 +321,7 @@ class StaticQuantStage:
 
     def params(self) -> dict[str, Any]:
         return {
+            **self.recipe.params(),
             "methods": list(self.methods),
             "max_samples": self.max_samples,
             "search": [c.params() for c in self.search],
@@ -191,17 +347,17 @@ class StaticQuantStage:
             exclude: list[str] = []
             if cfg.exclude_fraction:
                 if sensitivity is None:
-                    ctx.log("int8-static: measuring per-node sensitivity")
-                    sensitivity = node_sensitivity(src, out_dir, calib)
+                    ctx.log(f"{self.label}: measuring per-node sensitivity")
+                    sensitivity = node_sensitivity(src, calib)
                 k = max(1, int(round(cfg.exclude_fraction * len(sensitivity))))
                 exclude = [name for name, _ in sensitivity[:k]]
-            ctx.log(f"int8-static: trying {cfg.label}")
+            ctx.log(f"{self.label}: trying {cfg.label}")
             try:
-                _quantize_static(src, tmp, calib, method, cfg.per_channel, cfg.scope, exclude)
+                _quantize_static(src, tmp, calib, method, cfg, exclude, self.recipe)
                 cand = run_batches(create_session(tmp, threads=ctx.threads), judge)
             except StageError as e:
                 tried.append({**cfg.params(), "method": method, "error": str(e)})
-                ctx.log(f"int8-static:   {e}")
+                ctx.log(f"{self.label}:   {e}")
                 continue
             rep = compare(ref, cand, self.tolerance)
             s = rep.summary()
@@ -215,7 +371,9 @@ class StaticQuantStage:
                     "passed": rep.passed,
                 }
             )
-            ctx.log(f"int8-static:   mean cosine {s['mean_cosine']:.5f}, min {s['min_cosine']:.5f}")
+            ctx.log(
+                f"{self.label}:   mean cosine {s['mean_cosine']:.5f}, min {s['min_cosine']:.5f}"
+            )
             if (
                 cfg.scope == "linear"
                 and cfg.exclude_fraction == 0
@@ -309,16 +467,16 @@ def _quantize_static(
     dst: Path,
     calib: list[Batch],
     method: str,
-    per_channel: bool,
-    scope: str,
+    cfg: StaticConfig,
     exclude: list[str],
+    recipe: QuantRecipe,
 ) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
-    nodes = _weighted_linear_nodes(model) if scope == "linear" else None
+    nodes = _weighted_linear_nodes(model) if cfg.scope == "linear" else None
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -330,15 +488,20 @@ def _quantize_static(
                 str(src),
                 str(dst),
                 _Reader(calib, inputs),
-                quant_format=QuantFormat.QDQ,
+                quant_format=QuantFormat.QOperator
+                if recipe.quant_format == "qoperator"
+                else QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
+                weight_type=_quant_type(recipe.weight_type),
+                per_channel=cfg.per_channel and recipe.per_channel,
+                reduce_range=recipe.reduce_range,
                 calibrate_method=methods[method],
                 nodes_to_quantize=nodes,
                 nodes_to_exclude=exclude,
                 extra_options={
                     "DefaultTensorType": onnx.TensorProto.FLOAT,
+                    "MatMulConstBOnly": recipe.matmul_const_b_only,
+                    "ActivationSymmetric": recipe.activation_symmetric,
                     # Memory is bounded by max_samples and the token limit, not by
                     # CalibMaxIntermediateOutputs: onnxruntime drops the collected data when
                     # that bound is reached instead of reducing it.
@@ -349,49 +512,39 @@ def _quantize_static(
         raise StageError(f"static quantization failed: {str(e).splitlines()[0][:200]}") from e
 
 
-def node_sensitivity(src: Path, scratch: Path, calib: list[Batch]) -> list[tuple[str, float]]:
+def node_sensitivity(src: Path, calib: list[Batch]) -> list[tuple[str, float]]:
     """Rank weighted linear nodes by the error that 8-bit per-tensor quantization of their
     activation input adds, measured on the fp32 graph: ||x - qdq(x)||^2 / ||x||^2 with the
     calibration min/max. Long-tailed inputs (GELU outputs, LayerNorm outlier features) rank
     first. Most sensitive first."""
     import onnx
 
-    from deployopt.runtime.session import create_session
+    from deployopt.runtime.session import intermediate_tensors
 
     model = onnx.load(str(src))
     linear = set(_weighted_linear_nodes(model))
     act = {n.name: n.input[0] for n in model.graph.node if n.name in linear}
-    have = {o.name for o in model.graph.output}
-    for t in sorted(set(act.values()) - have):
-        model.graph.output.append(onnx.ValueInfoProto(name=t))
-    probe = scratch / ".sensitivity-probe.onnx"
-    onnx.save_model(model, str(probe))
-    try:
-        sess = create_session(probe, optimization="disable")
-        names = [o.name for o in sess.get_outputs()]
-        feeds = {i.name for i in sess.get_inputs()}
-        values: dict[str, list[np.ndarray]] = {}
-        for b in calib:
-            res = sess.run(names, {k: v for k, v in b.items() if k in feeds})
-            for n, a in zip(names, res):
-                if n in act.values():
-                    values.setdefault(n, []).append(np.asarray(a, dtype=np.float32).ravel())
-    finally:
-        probe.unlink(missing_ok=True)
+
+    def flat(_name: str, a) -> np.ndarray:
+        return np.asarray(a, dtype=np.float32).ravel()
+
+    values = intermediate_tensors(model, list(act.values()), calib, reduce=flat)
     err = {t: _qdq_error(np.concatenate(v)) for t, v in values.items()}
     return sorted(((n, err.get(t, 0.0)) for n, t in act.items()), key=lambda x: -x[1])
 
 
 def _qdq_error(x: np.ndarray) -> float:
     """Relative squared error of asymmetric uint8 per-tensor quantization over x's range."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    if hi == lo:
-        return 0.0
-    scale = (hi - lo) / 255.0
-    zp = np.round(-lo / scale)
-    deq = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+    d = x - _fake_quant_uint8(x)
     denom = float(np.dot(x, x))
-    return float(np.dot(x - deq, x - deq) / denom) if denom else 0.0
+    return float(np.dot(d, d) / denom) if denom else 0.0
 
 
-__all__ = ["DynamicQuantStage", "StaticQuantStage", "StaticConfig", "SearchFailed", "Tolerance"]
+__all__ = [
+    "DynamicQuantStage",
+    "StaticQuantStage",
+    "StaticConfig",
+    "SearchFailed",
+    "Tolerance",
+    "matmul_sensitivity",
+]
