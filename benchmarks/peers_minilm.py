@@ -164,24 +164,29 @@ def deployopt_folder(args, out: Path) -> Path:
 
 
 def session_settings(folder: Path, threads: int) -> tuple[Path, dict]:
-    """``best.session.json`` as ``create_session`` keywords (unknown keys are ignored)."""
-    f = folder / "best.session.json"
-    doc = json.loads(f.read_text()) if f.is_file() else {}
-    if not doc:
+    """``best.onnx`` and its ``best.session.json`` (read by deployopt's own reader) as
+    ``create_session`` keywords; ``threads`` where the file leaves the count to onnxruntime."""
+    from deployopt.presets import BEST_MODEL, BEST_SESSION, read_session
+
+    f = folder / BEST_SESSION
+    if not f.is_file():
         print(
             f"deployopt: no {f.name} in {folder} (optimize ran without session tuning?): "
             "onnxruntime's default session settings"
         )
-    elif doc.get("schema") != "deployopt.session/1":
-        print(f"deployopt: {f} has schema {doc.get('schema')!r}; reading it as deployopt.session/1")
-    n = doc.get("intra_op_num_threads")
-    settings = {
-        "provider": doc.get("execution_provider") or "cpu",
-        "threads": threads if n is None else int(n),
-        "optimization": doc.get("graph_optimization") or "all",
-        "session_config": {k: str(v) for k, v in (doc.get("session_config") or {}).items()},
+        return folder / BEST_MODEL, {
+            "provider": "cpu",
+            "threads": threads,
+            "optimization": "all",
+            "session_config": {},
+        }
+    got = read_session(f)
+    return folder / BEST_MODEL, {
+        "provider": got.execution_provider,
+        "threads": got.threads or threads,
+        "optimization": got.graph_optimization,
+        "session_config": dict(got.session_config),
     }
-    return folder / doc.get("model", "best.onnx"), settings
 
 
 def handwritten(folder: Path, work: Path) -> tuple[Path, Path]:
@@ -287,6 +292,10 @@ def build_models(args, folder: Path, dp: Path, out: Path, feeds: dict, env: dict
     detail = f"threads {settings['threads']}, {settings['optimization']}, entries: {cfg}"
     models.append(onnx_model(DEPLOYOPT, best_onnx, feeds, False, detail, **settings))
     side = {"deployopt": {"folder": str(dp), "session": settings}}
+    for extra in args.also or []:  # more deployopt outputs, e.g. one run with --min-min-cosine
+        path, extra_settings = session_settings(extra, args.threads)
+        name = f"deployopt {extra.name}/best.onnx"
+        models.append(onnx_model(name, path, feeds, False, f"from {extra}", **extra_settings))
     print("hand-written: legacy export, optimize_model, quantize_dynamic")
     fp32, int8 = handwritten(folder, out / "handwritten")
     side["handwritten_fp32"] = onnx_model(
@@ -419,6 +428,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=24, help="timed calls a model a round (24)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        help="another finished `deployopt optimize` folder to time in the same rounds "
+        "(repeatable), e.g. one run with --min-min-cosine 0.99",
+    )
     return ap.parse_args()
 
 

@@ -50,7 +50,7 @@ class OptimizeConfig(BaseModel):
     metric: str = Field("p50", pattern="^(p50|p90|p95|p99)$")
     tune_session: bool = True  # search session settings for the winner and runners-up
     # candidate space and measurement effort: quick | default | exhaustive (deployopt.candidates)
-    search: str = Field("default", pattern="^(quick|default|exhaustive)$")
+    search: str = "default"
 
     @field_validator("variants")
     @classmethod
@@ -77,6 +77,13 @@ class OptimizeConfig(BaseModel):
     def _batches(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(b < 1 for b in v):
             raise ValueError("batch sizes must be positive integers")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: str) -> str:
+        if v not in ("quick", "default", "exhaustive"):
+            raise ValueError(f"must be quick, default or exhaustive, not {v!r}")
         return v
 
     @field_validator("pooling")

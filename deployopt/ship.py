@@ -257,7 +257,7 @@ def tune_sessions(
     ]
     paths = {m: str(result.by_name(m).path) for m in models}
     log(f"session: searching settings for {', '.join(models)}")
-    layernorm = {m: _has_op(Path(p), "LayerNormalization") for m, p in paths.items()}
+    layernorm = {m: _add_feeds_layernorm(Path(p)) for m, p in paths.items()}
     found = search_sessions(
         paths,
         target,
@@ -322,10 +322,13 @@ def tune_sessions(
     return model, tuned, record
 
 
-def _has_op(path: Path, op: str) -> bool:
+def _add_feeds_layernorm(path: Path) -> bool:
+    """Whether onnxruntime's SkipLayerNormFusion has something to fuse in the graph."""
     import onnx
 
-    return any(n.op_type == op for n in onnx.load(str(path), load_external_data=False).graph.node)
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    adds = {o for n in nodes if n.op_type == "Add" for o in n.output}
+    return any(n.op_type == "LayerNormalization" and n.input[0] in adds for n in nodes)
 
 
 def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]) -> None:

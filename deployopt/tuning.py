@@ -1,18 +1,19 @@
 """Session settings searched on the target, for the chosen model and its close runners-up.
 
 A latency only holds under the session settings it was measured with, and the best settings
-depend on the CPU and the model. The search is coordinate descent over a few dimensions, each
-step one interleaved measurement of every model's current setting against its alternatives:
+depend on the CPU and the model. The search varies one factor at a time from the target's
+settings, every alternative of every model in one interleaved run, over these dimensions:
 
 - ``threads``: intra-op threads (1 ... cores), only when the target leaves them to onnxruntime;
 - ``spinning``: ``session.intra_op.allow_spinning`` off (worker threads sleep between runs);
 - ``skip-layernorm``: onnxruntime's SkipLayerNormFusion off. It fuses each residual
   Add + LayerNormalization at session creation, and its CPU kernel was measured 3x slower than
-  the two ops (onnxruntime 1.32, 1 x 128 x 384: 216 vs 68 us); only for graphs that still have
-  LayerNormalization nodes;
+  the two ops on an Intel Xeon (onnxruntime 1.32, 1 x 128 x 384: 216 vs 68 us), while on an
+  AMD EPYC the fused graph was the faster; only for graphs with an Add feeding a
+  LayerNormalization;
 - ``graph-optimization``: ``extended`` instead of ``all`` (no layout transformations).
 
-An alternative replaces the current setting only when it is at least ``SESSION_MIN_GAIN``
+An alternative replaces the target's setting only when it is at least ``SESSION_MIN_GAIN``
 faster (:func:`pick_session`), judged on the median of per-round paired ratios
 (:func:`paired_ratio`), so noise and machine drift do not pick settings. A setting the
 target already makes is never searched over.
@@ -151,44 +152,52 @@ def search_sessions(
     log: Callable[[str], None] = lambda s: None,
     timeout_s: float = 600.0,
 ) -> SessionSearch:
-    """Coordinate descent over :data:`DIMENSIONS` for every model at once: per dimension, one
-    interleaved run of each model's current setting and its alternatives."""
-    current = {m: target for m in models}
-    steps: list[dict] = []
-    for dim in DIMENSIONS:
-        configs: dict[str, tuple[str, str, Target]] = {}
-        for m in models:
-            alts = alternatives(
-                dim, current[m], target, cores, effort, (has_layernorm or {}).get(m, True)
-            )
-            if alts:
-                configs[f"{m} | current"] = (m, "current", current[m])
-                configs.update({f"{m} | {label}": (m, label, t) for label, t in alts.items()})
-        if not configs:
-            continue
-        log(f"session: {dim}: {len(configs)} settings of {len(models)} model(s)")
-        res = bench_models(
-            {k: models[m] for k, (m, _, _) in configs.items()},
-            target,
-            spec,
-            log=log,
-            timeout_s=timeout_s,
-            targets={k: t for k, (_, _, t) in configs.items()},
-        )
-        for m in models:
-            mine = {label: res[k] for k, (mm, label, _) in configs.items() if mm == m}
-            ok = {k: r for k, r in mine.items() if r.valid and r.stats is not None}
-            if "current" not in ok or len(ok) < 2:
+    """One factor at a time, all in one interleaved run: every model under the target's
+    settings and under each alternative of each of :data:`DIMENSIONS`. Per model, each
+    dimension keeps the target's setting unless an alternative wins by :func:`pick_paired`;
+    the winning changes are combined into the model's tuned target. The caller measures the
+    combination against the target's settings before trusting it."""
+    configs: dict[str, tuple[str, str, str, Target]] = {}  # key -> (model, dim, label, target)
+    for m in models:
+        configs[f"{m} | current"] = (m, "", "current", target)
+        for dim in DIMENSIONS:
+            ln = (has_layernorm or {}).get(m, True)
+            for label, t in alternatives(dim, target, target, cores, effort, ln).items():
+                configs[f"{m} | {label}"] = (m, dim, label, t)
+    if len(configs) == len(models):
+        return SessionSearch(tuned={m: target for m in models})
+    log(f"session: {len(configs)} settings of {len(models)} model(s), one interleaved run")
+    res = bench_models(
+        {k: models[m] for k, (m, _, _, _) in configs.items()},
+        target,
+        spec,
+        log=log,
+        timeout_s=timeout_s,
+        targets={k: t for k, (_, _, _, t) in configs.items()},
+    )
+    tuned, steps = {}, []
+    for m in models:
+        tuned[m] = target
+        for dim in DIMENSIONS:
+            mine = {
+                label: res[k]
+                for k, (mm, d, label, _) in configs.items()
+                if mm == m and d in (dim, "")
+            }
+            if len(mine) < 2 or not mine["current"].valid:
                 continue
-            chosen, ratios = pick_paired(ok, "current")
-            p50 = {k: r.stats.p50_ms for k, r in ok.items()}
+            chosen, ratios = pick_paired(mine, "current")
+            p50 = {k: r.stats.p50_ms for k, r in mine.items() if r.valid and r.stats}
             steps.append(
                 {"dimension": dim, "model": m, "p50_ms": p50, "ratio": ratios, "chosen": chosen}
             )
             if chosen != "current":
-                current[m] = configs[f"{m} | {chosen}"][2]
-                log(f"session: {m}: {chosen} ({ratios[chosen]:.3f}x the current setting)")
-    return SessionSearch(tuned=current, steps=steps)
+                ln = (has_layernorm or {}).get(m, True)
+                alt = alternatives(dim, tuned[m], target, cores, effort, ln).get(chosen)
+                if alt is not None:  # e.g. spinning is moot once one thread was chosen
+                    tuned[m] = alt
+                log(f"session: {m}: {chosen} ({ratios[chosen]:.3f}x the target's settings)")
+    return SessionSearch(tuned=tuned, steps=steps)
 
 
 __all__ = [

@@ -101,6 +101,18 @@ ROWS = [
     ),
     pytest.param(("optimize", *MLP, "--opset", "5", "-o", "{out}"), 2, "opset", id="opset-too-low"),
     pytest.param(
+        ("optimize", *MLP, "--search", "fast", "-o", "{out}"),
+        2,
+        "search: must be quick, default or exhaustive, not 'fast'",
+        id="unknown-search-effort",
+    ),
+    pytest.param(
+        ("optimize", *MLP, "--min-min-cosine", "1.5", "-o", "{out}"),
+        2,
+        "min_min_cosine: Input should be less than or equal to 1",
+        id="min-min-cosine-out-of-range",
+    ),
+    pytest.param(
         ("optimize", *MLP, "--calibration-methods", "kl", "-o", "{out}"),
         2,
         "calibration methods must be minmax, entropy or percentile",

@@ -259,15 +259,15 @@ def split_skip_layernorm(model) -> int:
             continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)
         ins = list(n.input) + [""] * (5 - len(n.input))
-        total = f"{n.name}_sum"
-        nodes.append(helper.make_node("Add", ins[:2], [total], name=f"{n.name}_add"))
+        # residual Add first, then the bias Add: onnxruntime 1.32 does not fuse this order back
+        # into SkipLayerNormalization at session creation (bias first, it does; measured)
+        total = outs[3] or f"{n.name}_sum"  # the sum output, where the graph uses it
+        skip_sum = f"{n.name}_skip_sum" if ins[4] else total
+        nodes.append(helper.make_node("Add", ins[:2], [skip_sum], name=f"{n.name}_add"))
         if ins[4]:
             nodes.append(
-                helper.make_node("Add", [total, ins[4]], [f"{total}_bias"], name=f"{n.name}_bias")
+                helper.make_node("Add", [skip_sum, ins[4]], [total], name=f"{n.name}_bias")
             )
-            total = f"{total}_bias"
-        if outs[3]:
-            nodes.append(helper.make_node("Identity", [total], [outs[3]], name=f"{n.name}_sum_out"))
         ln_in = [total, ins[2]] + ([ins[3]] if ins[3] else [])
         nodes.append(
             helper.make_node(
