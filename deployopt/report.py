@@ -366,6 +366,14 @@ def render_html(report: Mapping[str, Any]) -> str:
         f'<figure><img alt="{esc(k)}" src="{v}"><figcaption>{esc(k)}</figcaption></figure>'
         for k, v in imgs.items()
     )
+    search = search_lines(report.get("search"))
+    search_html = (
+        f"<h2>Search</h2><p>{esc(search[1])}</p><ul>"
+        + "".join(f"<li>{esc(ln[2:])}</li>" for ln in search[2:])
+        + "</ul>"
+        if search
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>deployopt report: {esc(report["source"])}</title>
@@ -382,6 +390,7 @@ figure {{ display: inline-block; margin: 1em; }}
 {chosen}
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Rejected</h2><ul>{rejected or "<li>none</li>"}</ul>
+{search_html}
 <h2>Plots</h2>
 {figures or "<p>no benchmark results to plot</p>"}
 </body></html>

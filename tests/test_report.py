@@ -217,6 +217,20 @@ def test_optimize_ends_with_best_onnx_and_reports(tmp_path):
         assert step["chosen"] == pick_session(step["ratio"], baseline="current")
     assert "Session: " in (out / "report.md").read_text()
     assert any(m.startswith("session: ") for m in logs)
+    # the search: the CPU it was derived for, each candidate, and what each step kept
+    search = doc["search"]
+    assert search["effort"] == "default" and search["cpu"]["cores"] >= 1
+    funnel = search["funnel"]
+    assert funnel["candidates"] == len(res.variants)
+    assert funnel["parity_passed"] == sum(v.ok for v in res.variants)
+    assert funnel["measured"] == len(res.bench)
+    names = [c["name"] for c in search["candidates"]]
+    assert names == [v.name for v in res.variants if v.stage.startswith("int8-")]
+    assert (
+        f"Search (default): {funnel['candidates']} candidates -> "
+        in (out / "report.md").read_text()
+    )
+    assert "<h2>Search</h2>" in (out / "report.html").read_text()
 
 
 def test_session_line_names_threads_and_entries():
