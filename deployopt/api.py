@@ -53,6 +53,11 @@ def optimize(
         threads=threads,
         **options,
     )
+    if cfg.bench:  # a target that cannot run here fails before any variant is built
+        from deployopt.runtime.session import resolve_provider
+        from deployopt.ship import target_of
+
+        resolve_provider(target_of(cfg).ep)
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     src = load_source(
         source,

@@ -1255,7 +1255,7 @@ def prune(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, map errors to exit codes in one place."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except errors.DeployoptError as e:
         if _state["verbose"]:
             traceback.print_exc()
@@ -1264,10 +1264,7 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[bold]hint:[/] {e.hint}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print(
-            "[bold red]error:[/] interrupted; finished variants are kept, nothing half-written"
-        )
-        sys.exit(130)
+        rc = 130
     except SystemExit:
         raise
     except Exception as e:
@@ -1276,11 +1273,22 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(errors.EXIT_USAGE)
         if type(e).__name__ == "Abort":
-            sys.exit(130)
-        traceback.print_exc()
+            rc = 130
+        else:
+            _internal_error()
+    # click/typer turn Ctrl-C into a return value of 130 without standalone mode: never exit 0
+    # for an interrupted run (a cancelled CI gate must not read as PASS)
+    if rc == 130:
         err_console.print(
-            "[bold red]internal error[/] (a bug in deployopt: please report it "
-            "with the traceback above)"
+            "[bold red]error:[/] interrupted (exit 130); finished variants are kept, nothing "
+            "half-written"
         )
-        sys.exit(errors.EXIT_INTERNAL)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _internal_error() -> None:
+    traceback.print_exc()
+    err_console.print(
+        "[bold red]internal error[/] (a bug in deployopt: please report it with the traceback above)"
+    )
+    sys.exit(errors.EXIT_INTERNAL)

@@ -32,6 +32,25 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir()`` would under the process umask
+    (0644 / 0755 under 022); temporary files and folders are created 0600 / 0700. A folder's
+    contents are set too, so a staged folder renamed into place is readable like any other."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` only on success."""
@@ -42,6 +61,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        normal_permissions(tmp_path)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -68,6 +88,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     try:
         yield tmp
+        normal_permissions(tmp)
         if final.exists():
             old = final.with_name(TMP_PREFIX + final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -101,6 +101,12 @@ ROWS = [
     ),
     pytest.param(("optimize", *MLP, "--opset", "5", "-o", "{out}"), 2, "opset", id="opset-too-low"),
     pytest.param(
+        ("optimize", *MLP, "--target", "cuda", "-o", "{out}"),
+        4,
+        "execution provider 'cuda' (CUDAExecutionProvider) is not available",
+        id="target-ep-missing-fails-before-building",
+    ),
+    pytest.param(
         ("optimize", *MLP, "--search", "fast", "-o", "{out}"),
         2,
         "search: must be quick, default or exhaustive, not 'fast'",
@@ -176,3 +182,43 @@ def test_help_exits_zero():
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "--input-shape" in r.stdout
+
+
+def _children(pid: int) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("command", ["bench", "gate"])
+def test_ctrl_c_exits_130_and_says_so(tmp_path, command):
+    """A real SIGINT to a running measurement: exit 130 and one line, never 0 (a cancelled CI
+    gate must not read as PASS), and no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import onnx
+
+    from tests.models import tiny_onnx_model
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_onnx_model(), str(model))
+    argv = [sys.executable, "-m", "deployopt", command, str(model), "--min-seconds", "120"]
+    argv += ["--no-history"] + (["--p50-ms", "100"] if command == "gate" else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not _children(p.pid) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)  # wait for the measurement worker: the CLI is then inside the command
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err)
+    assert "interrupted (exit 130)" in flat(err) and "Traceback" not in err

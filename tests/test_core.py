@@ -94,3 +94,29 @@ def test_importing_package_loads_no_heavy_runtime():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_written_files_and_folders_get_normal_permissions(tmp_path):
+    """Temporary files are 0600 and folders 0700; what is renamed into place is not."""
+    import os
+
+    from deployopt.workspace import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "folder") as d:
+            (d / "inner").mkdir()
+            (d / "inner" / "f.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "folder" / "inner").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "folder" / "inner" / "f.txt").stat().st_mode & 0o777 == 0o644
+    os.umask(0o077)
+    try:
+        write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600  # the umask is respected

@@ -231,6 +231,15 @@ def test_optimize_ends_with_best_onnx_and_reports(tmp_path):
         in (out / "report.md").read_text()
     )
     assert "<h2>Search</h2>" in (out / "report.html").read_text()
+    # what is shipped is readable like any file the user writes (not mkstemp's 0600)
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("best.onnx", "best.session.json", "report.json", "report.html", "manifest.json"):
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
+    assert winner.path.parent.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert winner.path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_session_line_names_threads_and_entries():

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deployopt.workspace import TMP_PREFIX
+from deployopt.workspace import TMP_PREFIX, normal_permissions
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ class Trainer:
                 tmp / "trainer_state.pt",
             )
             (tmp / "state.json").write_text(json.dumps(asdict(state)))
+            normal_permissions(tmp)
             old = self.work / (TMP_PREFIX + "ckpt-old")
             if self.ckpt.exists():
                 os.replace(self.ckpt, old)
