@@ -152,6 +152,7 @@ class Runner:
             evaluation=evaluation,
             threads=self.cfg.threads,
             log=self.log,
+            timeout_s=self.cfg.worker_timeout_s,
         )
         reference = self._outputs(base.path, base.name)
         if "fuse" in self.cfg.variants:
@@ -179,7 +180,7 @@ class Runner:
         stages: list = []
         for r in recipes:
             if r.kind == "dynamic":
-                stages.append(DynamicQuantStage(r, timeout_s=self.cfg.worker_timeout_s))
+                stages.append(DynamicQuantStage(r))
             else:
                 stages.append(
                     StaticQuantStage(

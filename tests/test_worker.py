@@ -85,3 +85,34 @@ def _patched_outputs(self, path, label):
         timeout_s=60,
         label=f"{label} parity",
     )
+
+
+def crash_now(*args, **kwargs):
+    """Stands in for a stage's onnxruntime work: dies the way a native crash does."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_native_crash_in_any_stage_fails_that_variant_only(tmp_path, monkeypatch):
+    """fuse's offline optimization, the static search (calibration runs onnxruntime) and the
+    fp16 overflow probe all run in worker processes: a crash there fails that variant, with
+    the signal, and the run goes on."""
+    from tests.models import optimize_only
+
+    monkeypatch.setattr("deployopt.runtime.session.offline_optimize", crash_now)
+    monkeypatch.setattr("deployopt.stages.quantize.quantize_static_and_run", crash_now)
+    monkeypatch.setattr("deployopt.stages.fp16.overflowing_tensors", crash_now)
+    res = optimize_only(
+        "tests.models:mlp",
+        tmp_path,
+        input_shapes={"x": (1, 16)},
+        variants=["fuse", "int8-dynamic", "int8-static", "fp16"],
+    )
+    assert res.by_name("fp32").ok
+    for v in res.variants:
+        if v.stage in ("fuse", "int8-static", "fp16"):
+            assert v.status == "failed", v.name
+            assert "worker died from signal SIGSEGV" in v.reason, v.reason
+    static = next(v for v in res.variants if v.stage == "int8-static")
+    assert all("SIGSEGV" in t["error"] for t in static.metrics["search"])
+    assert any(v.ok for v in res.variants if v.stage == "int8-dynamic")
+    assert (tmp_path / "manifest.json").exists()

@@ -27,6 +27,14 @@ EP_ALIASES = {
 }
 
 
+_LEVELS = {
+    "all": lambda rt: rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": lambda rt: rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": lambda rt: rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": lambda rt: rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
 def ort():
     """Import onnxruntime with an actionable error when neither build is installed."""
     try:
@@ -66,13 +74,7 @@ def create_session(
     """
     rt = ort()
     so = rt.SessionOptions()
-    levels = {
-        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disable": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
-    so.graph_optimization_level = levels[optimization]
+    so.graph_optimization_level = _LEVELS[optimization](rt)
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
@@ -86,6 +88,22 @@ def create_session(
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
         raise InputModelError(
             f"{path}: onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}"
+        ) from None
+
+
+def offline_optimize(src: Path, dst: Path, optimization: str = "extended") -> None:
+    """Write onnxruntime's graph optimization of ``src`` at level ``optimization`` to ``dst``
+    (a session is created for that and dropped); callers run it in a worker process."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.graph_optimization_level = _LEVELS[optimization](rt)
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    try:
+        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise InputModelError(
+            f"{src}: onnxruntime cannot optimize the model: {str(e).splitlines()[0][:300]}"
         ) from None
 
 
@@ -103,16 +121,17 @@ def run_batches(session, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[
 def intermediate_tensors(
     model, names: Sequence[str], batches: Sequence[dict[str, np.ndarray]], reduce=None
 ) -> dict[str, list]:
-    """Run ``model`` (a ModelProto, not modified) with the tensors ``names`` made graph
-    outputs, unoptimized so every tensor exists, on ``batches``; return each tensor's values
-    per batch, passed through ``reduce(name, array)`` when given (to keep memory bounded).
-    The probe model lives in a temporary folder that is removed afterwards."""
+    """Run ``model`` (a path, or a ModelProto that is not modified) with the tensors ``names``
+    made graph outputs, unoptimized so every tensor exists, on ``batches``; return each
+    tensor's values per batch, passed through ``reduce(name, array)`` when given (to keep
+    memory bounded). The probe model lives in a temporary folder that is removed afterwards.
+    Callers run it in a worker process (``Context.isolated``)."""
     import tempfile
 
     import onnx
 
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
     have = {o.name for o in probe.graph.output}
     for t in dict.fromkeys(names):
         if t and t not in have:

@@ -34,6 +34,16 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
     # derived data several stages share (e.g. a MatMul error ranking), computed once per run
     cache: dict[Any, Any] = field(default_factory=dict)
+    timeout_s: float = 600.0  # for work in a worker process (isolated)
+
+    def isolated(self, fn: Callable[..., Any], *args: Any, label: str, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in a spawned worker process with the run's time limit: every
+        onnxruntime session on a model of the run goes through here (or the parity and bench
+        workers), so a native crash or hang fails one variant, never the run. ``fn`` must be a
+        module-level function; a crash raises a StageError naming ``label``."""
+        from deployopt.runtime.worker import run_in_worker
+
+        return run_in_worker(fn, *args, timeout_s=self.timeout_s, label=label, **kwargs)
 
 
 @dataclass

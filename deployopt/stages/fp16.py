@@ -41,7 +41,15 @@ class Fp16Stage:
         for i, node in enumerate(model.graph.node):  # the block list addresses nodes by name
             if not node.name:
                 node.name = f"{node.op_type}_{i}"
-        overflow = overflowing_nodes(model, ctx.calibration[:4])
+        produced = {o: n.name for n in model.graph.node for o in n.output if o}
+        hot = (
+            ctx.isolated(
+                overflowing_tensors, src, list(produced), ctx.calibration[:4], label="fp16 probe"
+            )
+            if ctx.calibration
+            else []
+        )
+        overflow = sorted({produced[t] for t in hot})
         blocked_ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.op_block_list))
         fp16 = convert_float_to_float16(
             model,
@@ -56,19 +64,17 @@ class Fp16Stage:
         return out
 
 
-def overflowing_nodes(model, batches) -> list[str]:
-    """Names of nodes with a float output beyond the fp16 range (or non-finite) on ``batches``."""
+def overflowing_tensors(src: Path, names: list[str], batches) -> list[str]:
+    """The tensors among ``names`` of the model at ``src`` with a float value beyond the fp16
+    range (or non-finite) on ``batches``; for a worker process (it runs onnxruntime)."""
     from deployopt.runtime.session import intermediate_tensors
 
-    if not batches:
-        return []
-    produced = {o: n.name for n in model.graph.node for o in n.output if o}
+    seen = intermediate_tensors(src, names, batches, reduce=_overflows)
+    return sorted(t for t, flags in seen.items() if any(flags))
 
-    def overflows(_name: str, arr) -> bool:
-        a = np.asarray(arr)
-        if not np.issubdtype(a.dtype, np.floating) or not a.size:
-            return False
-        return bool(not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX)
 
-    seen = intermediate_tensors(model, list(produced), batches, reduce=overflows)
-    return sorted({produced[t] for t, flags in seen.items() if any(flags)})
+def _overflows(_name: str, arr) -> bool:
+    a = np.asarray(arr)
+    if not np.issubdtype(a.dtype, np.floating) or not a.size:
+        return False
+    return bool(not np.isfinite(a).all() or np.abs(a).max() > FP16_MAX)

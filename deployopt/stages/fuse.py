@@ -119,15 +119,11 @@ class FuseStage:
     def _generic(src: Path, out_dir: Path, ctx: Context):
         import onnx
 
-        from deployopt.runtime.session import ort
+        from deployopt.runtime.session import offline_optimize
 
-        rt = ort()
-        so = rt.SessionOptions()
         # EXTENDED, not ALL: ALL adds layout transforms tied to this machine's CPU.
-        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         tmp = out_dir / "ort-optimized.onnx"
-        so.optimized_model_filepath = str(tmp)
-        rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        ctx.isolated(offline_optimize, src, tmp, "extended", label="fuse")
         model = onnx.load(str(tmp))
         tmp.unlink()
         return model

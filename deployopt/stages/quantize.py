@@ -54,13 +54,12 @@ class DynamicQuantStage:
     version: ClassVar[int] = 3
     tolerance = INT8
 
-    def __init__(self, recipe: QuantRecipe | None = None, timeout_s: float = 600.0):
+    def __init__(self, recipe: QuantRecipe | None = None):
         self.recipe = recipe or QuantRecipe("dynamic")
         if self.recipe.kind != "dynamic":
             raise ValueError("DynamicQuantStage takes a dynamic recipe")
         self.label = self.recipe.name
         self.parent = (self.recipe.parent,)
-        self.timeout_s = timeout_s
 
     def params(self) -> dict[str, Any]:
         return self.recipe.params()
@@ -75,7 +74,7 @@ class DynamicQuantStage:
         r = self.recipe
         exclude: list[str] = []
         if r.fp32_matmuls:
-            ranking = matmul_ranking(src, ctx, r, self.timeout_s)
+            ranking = matmul_ranking(src, ctx, r)
             exclude = [name for name, _ in ranking[: r.fp32_matmuls]]
         metrics: dict[str, Any] = {}
         if exclude:
@@ -116,22 +115,19 @@ def _quant_type(name: str):
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-def matmul_ranking(src: Path, ctx: Context, r: QuantRecipe, timeout_s: float):
+def matmul_ranking(src: Path, ctx: Context, r: QuantRecipe):
     """The weighted MatMuls of ``src`` ranked by their quantization error (most first),
     computed once per (model, weight scheme) in a worker process and shared by the run."""
-    from deployopt.runtime.worker import run_in_worker
-
     key = ("matmul_ranking", str(src), r.per_channel, r.reduce_range, r.weight_type)
     if key not in ctx.cache:
         ctx.log(f"{r.name}: ranking MatMuls by quantization error")
-        ctx.cache[key] = run_in_worker(
+        ctx.cache[key] = ctx.isolated(
             matmul_sensitivity,
             src,
             ctx.calibration[:8],
             r.per_channel,
             r.reduce_range,
             r.weight_type,
-            timeout_s=timeout_s,
             label=f"{r.name} sensitivity",
         )
     return ctx.cache[key]
@@ -333,11 +329,11 @@ class StaticQuantStage:
         return None
 
     def apply(self, src: Path, out_dir: Path, ctx: Context) -> StageOutput:
-        from deployopt.runtime.session import create_session, run_batches
+        from deployopt.runtime.session import model_outputs
 
         calib, judge = _split(ctx.calibration, self.max_samples)
         calib = uniform_batches(calib)
-        ref = run_batches(create_session(src, threads=ctx.threads), judge)
+        ref = ctx.isolated(model_outputs, src, judge, ctx.threads, label=f"{self.label} reference")
         tried: list[dict[str, Any]] = []
         best_method, sensitivity = "minmax", None
         best_method_cos = -2.0
@@ -348,13 +344,26 @@ class StaticQuantStage:
             if cfg.exclude_fraction:
                 if sensitivity is None:
                     ctx.log(f"{self.label}: measuring per-node sensitivity")
-                    sensitivity = node_sensitivity(src, calib)
+                    sensitivity = ctx.isolated(
+                        node_sensitivity, src, calib, label=f"{self.label} sensitivity"
+                    )
                 k = max(1, int(round(cfg.exclude_fraction * len(sensitivity))))
                 exclude = [name for name, _ in sensitivity[:k]]
             ctx.log(f"{self.label}: trying {cfg.label}")
             try:
-                _quantize_static(src, tmp, calib, method, cfg, exclude, self.recipe)
-                cand = run_batches(create_session(tmp, threads=ctx.threads), judge)
+                cand = ctx.isolated(
+                    quantize_static_and_run,
+                    src,
+                    tmp,
+                    calib,
+                    method,
+                    cfg,
+                    exclude,
+                    self.recipe,
+                    judge,
+                    ctx.threads,
+                    label=f"{self.label} {cfg.label}",
+                )
             except StageError as e:
                 tried.append({**cfg.params(), "method": method, "error": str(e)})
                 ctx.log(f"{self.label}:   {e}")
@@ -510,6 +519,25 @@ def _quantize_static(
             )
     except Exception as e:  # onnxruntime raises assorted internal errors
         raise StageError(f"static quantization failed: {str(e).splitlines()[0][:200]}") from e
+
+
+def quantize_static_and_run(
+    src: Path,
+    dst: Path,
+    calib: list[Batch],
+    method: str,
+    cfg: StaticConfig,
+    exclude: list[str],
+    recipe: QuantRecipe,
+    judge: list[Batch],
+    threads: int | None,
+):
+    """One point of the static search, for a worker process: calibrate and quantize (the
+    calibrator runs onnxruntime on the model), then the candidate's outputs on ``judge``."""
+    from deployopt.runtime.session import model_outputs
+
+    _quantize_static(src, dst, calib, method, cfg, exclude, recipe)
+    return model_outputs(dst, judge, threads)
 
 
 def node_sensitivity(src: Path, calib: list[Batch]) -> list[tuple[str, float]]:
