@@ -338,6 +338,8 @@ class Runner:
                 model = tmp / MODEL_FILE
                 if not model.is_file():
                     raise StageError(f"{name}: the stage wrote no model")
+                if stage != "input":  # the user's own file was checked when it was read
+                    check_model(model, name)
                 for p in tmp.glob(".*"):  # scratch files of the stage
                     p.unlink() if p.is_file() else shutil.rmtree(p)
                 metrics = dict(getattr(result, "metrics", {}) or {})
@@ -476,6 +478,18 @@ def manifest_entry(v: Variant, out: Path) -> dict[str, Any]:
         else None,
         "warnings": list(v.warnings),
     }
+
+
+def check_model(path: Path, name: str) -> None:
+    """onnx's full check (structure, topological order, shape and type inference) on a model
+    a stage wrote: a variant that fails it is failed, never shipped."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        msg = str(e).strip().splitlines()[0][:300]
+        raise StageError(f"{name}: the written model fails onnx.checker: {msg}") from None
 
 
 def _name_nodes(folder: Path) -> None:

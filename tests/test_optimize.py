@@ -301,3 +301,30 @@ def res_calibration(res):
     from deployopt.inputs import specs_from_onnx, synthetic_batches
 
     return synthetic_batches(specs_from_onnx(res.by_name("fp32").path), 32, 8, {"*": 16}, seed=1)
+
+
+def test_a_stage_writing_an_invalid_graph_fails_that_variant(tmp_path, monkeypatch):
+    """Every written variant gets onnx's full check before it can be called ok."""
+    from onnx import TensorProto, helper
+
+    from deployopt.stages import fuse
+
+    def broken(self, src, out_dir, ctx):
+        node = helper.make_node("Add", ["x", "nowhere"], ["y"])
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        )
+        onnx.save(helper.make_model(graph), str(out_dir / "model.onnx"))
+
+    monkeypatch.setattr(fuse.FuseStage, "apply", broken)
+    res = optimize_only(
+        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "fp16"]
+    )
+    f = res.by_name("fuse")
+    assert f.status == "failed" and "the written model fails onnx.checker" in f.reason
+    assert "nowhere" in f.reason
+    assert res.by_name("fp16").ok  # built from fp32 instead, and it passes the full check
+    onnx.checker.check_model(str(res.by_name("fp16").path), full_check=True)

@@ -6,6 +6,7 @@ on the fp32 graph, stay in fp32.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ FP16_MAX = 65504.0
 class Fp16Stage:
     name: ClassVar[str] = "fp16"
     label = "fp16"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: topologically sorted, no stale value_info
     tolerance = FP16
     parent: ClassVar[tuple[str, ...]] = ("fuse", "fp32")
 
@@ -57,11 +58,43 @@ class Fp16Stage:
             op_block_list=blocked_ops,
             node_block_list=overflow,
         )
+        # the converter leaves value_info entries with their fp32 types, which full shape
+        # inference (onnx.checker) rejects; the graph's own inputs and outputs carry the types
+        del fp16.graph.value_info[:]
+        topological_sort(fp16.graph)  # the converter appends its input Casts at the end
         save_model(fp16, out_dir)
         out = StageOutput()
         out.metrics["fp32_fallback_nodes"] = overflow
         out.metrics["op_block_list"] = list(self.op_block_list)
         return out
+
+
+def topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs, keeping
+    the original order where it already holds (stable Kahn's algorithm)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[x] for x in n.input if x in producer and producer[x] != i}
+            for i, n in enumerate(nodes)]  # fmt: skip
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    left = [len(d) for d in deps]
+    ready = [i for i, n in enumerate(left) if n == 0]
+    order: list[int] = []
+    heapq.heapify(ready)
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            left[u] -= 1
+            if left[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        return  # a cycle: leave the graph as it is, the checker will say so
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def overflowing_tensors(src: Path, names: list[str], batches) -> list[str]:
