@@ -66,7 +66,8 @@ def test_pruned_bert_shrinks_reloads_and_exports_with_parity(bert, tmp_path):
     assert layer.intermediate.dense.weight.shape == (f, cfg.hidden_size)
     # the folder says the new shape and reloads to the same function
     saved = json.loads((out / "config.json").read_text())
-    assert saved["deployopt_pruning"]["heads_per_layer"] == [gone_heads] * cfg.num_hidden_layers
+    assert saved["model_type"] == "deployopt_pruned_bert"  # see tests/test_hf_pruned.py
+    assert saved["heads_per_layer"] == [gone_heads] * cfg.num_hidden_layers
     assert saved["intermediate_size"] == f
     assert saved["deployopt_lineage"][-1]["stage"] == "prune"
     src = load_source(out)

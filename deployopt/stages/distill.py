@@ -337,6 +337,9 @@ def save_model_folder(
     full_lineage = [*getattr(src.meta, "lineage", []), *(lineage or [])]
     with atomic_dir(Path(final)) as tmp:
         if hasattr(model, "save_pretrained"):
+            from deployopt.torchside.hf_pruned import for_saving
+
+            model, _ = for_saving(model)  # pruned layer sizes: deployopt's registered class
             cfg = model.config
             cfg.deployopt_lineage = full_lineage
             for k, v in (config_extra or {}).items():

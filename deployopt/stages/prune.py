@@ -215,16 +215,11 @@ def prune(
     log(f"prune: {before:,} -> {after:,} parameters ({after / before:.3f}); {removed['summary']}")
     lineage = [{"stage": "prune", "from": src.label, "params_before": before,
                 "params_after": after, **removed}]  # fmt: skip
-    extra = None
-    if kind == "transformer":
-        shape = pr.transformer_shape(job.model)
-        if len(set(shape["ffn_per_layer"])) == 1:
-            job.model.config.intermediate_size = shape["ffn_per_layer"][0]
-        extra = {"deployopt_pruning": {**shape, "modules": _resized(job)}}
+    to_save, extra, readme = _saved_form(job, out, removed, _factory(model, src))
     report = _report_doc(job, before, after, removed, metrics, history, data, cfg, t0)
     save_model_folder(
-        job.model, src, out, factory=_factory(model, src), lineage=lineage,
-        config_extra=extra, extra_files={"prune_report.json": _json_bytes(report)},
+        to_save, src, out, factory=_factory(model, src), lineage=lineage, config_extra=extra,
+        extra_files={"prune_report.json": _json_bytes(report), "README.md": readme.encode()},
     )  # fmt: skip
     write_json(out / "prune_report.json", _with_sizes(report, out))
     return PruneResult(
@@ -528,6 +523,55 @@ def _factory(model, src) -> str | None:
     if (folder / "module.json").is_file():
         return json.loads((folder / "module.json").read_text()).get("factory")
     return None
+
+
+def _saved_form(job: _Job, out: Path, removed: dict, factory: str | None):
+    """(model to save, config.json extras, README.md text). A pruned transformer is saved as
+    deployopt's registered pruned class (per-layer sizes in its config, loaded by the Auto
+    classes after ``import deployopt.torchside.hf_pruned``), or as its plain architecture when
+    the sizes still fit one; an architecture without a pruned class keeps the module shapes in
+    ``deployopt_pruning``, which only deployopt reads back (sources._pruned_hf)."""
+    if job.kind != "transformer":
+        return job.model, None, _module_readme(out, factory, removed)
+    from deployopt.torchside import hf_pruned
+
+    to_save, form = hf_pruned.for_saving(job.model)
+    extra = None
+    if form == "unsupported":
+        extra = {"deployopt_pruning": {**pr.transformer_shape(job.model), "modules": _resized(job)}}
+    st_folder = (Path(job.src.label) / "modules.json").is_file()
+    text = hf_pruned.readme(
+        to_save, form, out, sentence_transformers=st_folder, summary=removed["summary"]
+    )
+    return to_save, extra, text
+
+
+def _module_readme(out: Path, factory: str | None, removed: dict) -> str:
+    """README.md of a pruned module (not HF) folder: only deployopt rebuilds it from
+    module.json (the factory, then the recorded shapes) and model.safetensors."""
+    folder = json.dumps(str(Path(out).resolve()))
+    lines = [f"# {Path(out).name}: a model pruned by deployopt", "",
+             f"Written by `deployopt prune` ({removed['summary']}); `prune_report.json` says "
+             "what was removed.", "", "## Load it", ""]  # fmt: skip
+    if factory:
+        lines += [
+            f"deployopt rebuilds the module with its factory `{factory}` (it must be importable "
+            "where you load it), gives it the shapes recorded in module.json, and loads "
+            "model.safetensors:", "",
+            "```python", "from deployopt.sources import load_source", "",
+            f"folder = {folder}  # this folder; change it if you move the folder",
+            "model = load_source(folder).module.model  # the pruned torch.nn.Module", "```", "",
+            "`deployopt optimize FOLDER` exports and optimises it.", "",
+        ]  # fmt: skip
+    else:
+        lines += ["module.json names no factory (the model was given as an object): build the "
+                  "module yourself, resize it as module.json's `shapes` say, and load "
+                  "model.safetensors.", ""]  # fmt: skip
+    if "channels_ratio" in removed:
+        lines += ["## What does not load it", "",
+                  "- `load_state_dict` of model.safetensors into a module fresh from the factory: "
+                  "its layers have the unpruned channel counts (a size mismatch).", ""]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _resized(job: _Job) -> dict:
