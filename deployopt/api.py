@@ -42,6 +42,11 @@ def optimize(
     ``cpu``: a :class:`~deployopt.hardware.CpuDescriptor` to derive the quantization
     candidates for (default: this machine's); ``search="quick"|"default"|"exhaustive"``
     sets the candidate space and measurement effort.
+
+    ``result.failure`` is the :class:`~deployopt.errors.NoViableVariantError` of a run that
+    shipped nothing (no variant passed its checks, or none meets the constraints), else None:
+    it is decided before ``best.onnx`` is written, so a failed run never leaves one behind.
+    The output folder is checked before any work (a file, not writable, overlapping the input).
     """
     cfg = make_config(
         variants=tuple(variants) if variants is not None else None,
@@ -58,6 +63,9 @@ def optimize(
         from deployopt.ship import target_of
 
         resolve_provider(target_of(cfg).ep)
+    from deployopt.workspace import check_output_dir, disk_error
+
+    check_output_dir(Path(out), _source_path(source))  # a file, read-only, overlapping input
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     src = load_source(
         source,
@@ -67,11 +75,33 @@ def optimize(
         pooling=cfg.pooling,
     )
     log = log or (lambda s: None)
-    result = Runner(src, Path(out), cfg, log=log, force=force, cpu=cpu).run()
     from deployopt.ship import ship
 
-    ship(result, cfg, log)
+    try:
+        result = Runner(src, Path(out), cfg, log=log, force=force, cpu=cpu).run()
+        ship(result, cfg, log)  # decides result.failure before anything is shipped
+    except OSError as e:  # a full disk or read-only mount mid-run: stop, name the path
+        err = disk_error(e, Path(out))
+        if err is None:
+            raise
+        raise err from e
     return result
+
+
+def _source_path(source: Any) -> Path | None:
+    """The file or folder ``source`` reads from, when it is one (for the output-folder checks)."""
+    from deployopt.errors import InputModelError
+    from deployopt.sources import BUNDLED, bundled_path
+
+    if isinstance(source, (str, Path)):
+        if str(source) in BUNDLED:
+            try:
+                return bundled_path(str(source))
+            except InputModelError:  # not installed: load_source says so, naming the package
+                return None
+        p = Path(source)
+        return p if p.exists() else None
+    return None
 
 
 def bench(

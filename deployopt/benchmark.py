@@ -168,19 +168,27 @@ def resolve_shapes(specs, spec: BenchSpec) -> dict[str, tuple[int, ...]]:
     }
 
 
-def bench_feeds(specs, spec: BenchSpec) -> dict[str, np.ndarray]:
+BERT_VOCAB = 30522  # bert-base-uncased: ids 1996.. are ordinary words, 101/102 [CLS]/[SEP]
+
+
+def bench_feeds(specs, spec: BenchSpec, vocab: int | None = None) -> dict[str, np.ndarray]:
     """Inputs for a signature: symbolic batch/sequence dims from the spec; text models get
-    token ids drawn from the ordinary-word range of a BERT vocabulary, [CLS]/[SEP] at the ends,
-    a full attention mask."""
+    token ids from the model's vocabulary of ``vocab`` tokens (the embedding table's rows,
+    :func:`deployopt.inputs.vocab_size`): a BERT-sized one gets the ordinary-word range of a
+    BERT vocabulary with [CLS]/[SEP] at the ends, a smaller one ids in [1, vocab); a full
+    attention mask."""
     rng = np.random.default_rng(0)
     feeds = {}
     shapes = resolve_shapes(specs, spec)
+    vocab = vocab or BERT_VOCAB
     for s in specs:
         shape = shapes[s.name]
         dt = np.dtype(s.dtype)
-        if s.name == "input_ids":
+        if s.name == "input_ids" and vocab >= BERT_VOCAB:
             a = rng.integers(1996, 20000, size=shape)
             a[..., 0], a[..., -1] = 101, 102
+        elif s.name == "input_ids":  # a small vocabulary: never an id past its table
+            a = rng.integers(min(1, vocab - 1), vocab, size=shape)
         elif s.name == "attention_mask":
             a = np.ones(shape)
         elif s.name == "token_type_ids":
@@ -204,7 +212,14 @@ def _serve(conn, path: str, target: Target, spec: BenchSpec) -> None:
     from deployopt.runtime import session as rs
 
     try:
-        feeds = bench_feeds(specs_from_onnx(Path(path)), spec)
+        from deployopt.feeds import bench_feed
+        from deployopt.inputs import vocab_size
+
+        specs = specs_from_onnx(Path(path))
+        # scalars and recurrent state get their own rules (deployopt.feeds); others the usual
+        feeds = bench_feed(Path(path), specs, spec.batch, spec.seq) or bench_feeds(
+            specs, spec, vocab=vocab_size(Path(path)) if any(s.is_text for s in specs) else None
+        )
         info = {"shapes": {k: list(v.shape) for k, v in feeds.items()}, "invalid": []}
         wanted = rs.EP_ALIASES.get(target.ep.lower(), target.ep)
         if wanted not in rs.available_providers():

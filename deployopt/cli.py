@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from deployopt import errors
 
@@ -38,8 +39,18 @@ def _width(stream) -> int | None:
     return None if stream.isatty() or "COLUMNS" in os.environ else 132
 
 
-err_console = Console(stderr=True, width=_width(sys.stderr))
-console = Console(width=_width(sys.stdout))
+# markup off: messages carry user text (file names, TOML tables such as [[budgets]], reasons
+# from libraries) that rich would read as tags and eat (issue 12); styled parts go through
+# styled(), which never parses text
+err_console = Console(stderr=True, width=_width(sys.stderr), markup=False)
+console = Console(width=_width(sys.stdout), markup=False)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """``label`` in ``style`` followed by ``rest``, both printed literally (no markup)."""
+    return Text.assemble((label, style), rest)
+
+
 _state = {"verbose": False}
 
 TimeoutOpt = Annotated[float, typer.Option(help="Seconds before a hung measurement is killed.")]
@@ -294,7 +305,8 @@ def optimize(
     target in interleaved rounds, and the fastest one meeting the constraints is copied to
     OUT/best.onnx. Results: OUT/best.onnx, OUT/best.session.json (the session settings the
     chosen model was measured fastest with), OUT/report.{json,md,html}, OUT/manifest.json and
-    OUT/variants/<id>/. Exit 6 when no variant qualifies, with every rejection's reason.
+    OUT/variants/<id>/. Exit 6 when no variant qualifies, with every rejection's reason (then
+    nothing is shipped). Exit 4 when OUT cannot be written (checked first) or the disk fills up.
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -381,15 +393,8 @@ def optimize(
             search=search,
         )
     _print_table(result)
-    if not any(v.ok and v.name != "fp32" for v in result.variants) and names:
-        raise errors.NoViableVariantError(f"no variant passed its checks; see {result.manifest}")
-    if result.choice is not None and result.choice.winner is None:
-        raise errors.NoViableVariantError(
-            "no variant meets the constraints: "
-            + "; ".join(f"{k}: {why}" for k, why in result.choice.rejected.items()),
-            hint="relax --min-cosine/--max-size-mb/--max-latency-ms, or see "
-            + str(result.reports.get("md", result.manifest)),
-        )
+    if result.failure is not None:  # decided before shipping: nothing was shipped
+        raise result.failure
 
 
 def _batches(text: str) -> list[int]:
@@ -561,7 +566,7 @@ def _print_bench(results, tgt) -> None:
         )
         s = r.stats
         if s is None:
-            t.add_row(r.name, label, "[red]INVALID[/]", "", "", "", "", "", "")
+            t.add_row(r.name, label, styled("INVALID", "red"), "", "", "", "", "", "")
             continue
         t.add_row(
             r.name,
@@ -576,10 +581,12 @@ def _print_bench(results, tgt) -> None:
         )
     console.print(t)
     for w in drift_warnings(results):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(styled("warning:", "yellow", f" {w}"), highlight=False, soft_wrap=True)
     for r in results:
         if r.invalid:
-            console.print(f"[red]INVALID[/] {r.name}: {'; '.join(r.invalid)}", highlight=False)
+            console.print(
+                styled("INVALID", "red", f" {r.name}: {'; '.join(r.invalid)}"), highlight=False
+            )
     env = results[0].env if results else {}
     console.print(
         f"{env.get('cpu')} ({env.get('cpu_flags')}), {env.get('cores')} cores, "
@@ -610,10 +617,10 @@ def _print_table(result) -> None:
         note = v.reason or "; ".join(v.warnings)
         if note:
             notes.append(f"{v.name}: {note}")
-        status = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}
+        colour = {"ok": "green", "failed": "red", "skipped": "yellow"}[v.status]
         row = [
-            f"[bold]{v.name}[/]" if v.name == winner else v.name,
-            "[bold green]chosen[/]" if v.name == winner else status[v.status],
+            styled(v.name, "bold") if v.name == winner else v.name,
+            styled("chosen", "bold green") if v.name == winner else styled(v.status, colour),
             f"{size / 1e6:.3g}" if size else "-",
             f"{p['mean_cosine']:.5f}" if p else "-",
             f"{p['min_cosine']:.5f}" if p else "-",
@@ -623,7 +630,7 @@ def _print_table(result) -> None:
             b = (result.bench.get(v.name) or [None])[0]
             s = b.stats if b is not None else None
             if b is not None and not b.valid:
-                row += ["[red]INVALID[/]", "", ""]
+                row += [styled("INVALID", "red"), "", ""]
             else:
                 row += [
                     fmt_ms(s.p50_ms if s else None),
@@ -637,7 +644,7 @@ def _print_table(result) -> None:
     from deployopt.benchmark import drift_warnings
 
     for w in drift_warnings([rs[0] for rs in result.bench.values() if rs]):
-        console.print(f"  [yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(styled("  warning:", "yellow", f" {w}"), highlight=False, soft_wrap=True)
     ch = result.choice
     if ch is not None:
         for name, why in ch.rejected.items():
@@ -651,7 +658,7 @@ def _print_table(result) -> None:
             highlight=False,
         )
     if result.best:
-        console.print(f"[bold]best:[/] {result.best}  ({winner})")
+        console.print(styled("best:", "bold", f" {result.best}  ({winner})"))
     if result.session:
         from deployopt.report import session_line
 
@@ -839,7 +846,7 @@ def gate(
         write_text(markdown, g.markdown(result))
     colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow", "INVALID": "magenta"}
     err_console.print(
-        f"[bold {colour[result.verdict.value]}]{result.summary_line()}[/]",
+        styled(result.summary_line(), f"bold {colour[result.verdict.value]}"),
         highlight=False,
         soft_wrap=True,
     )
@@ -860,7 +867,7 @@ def _print_checks(result) -> None:
             f"{c.limit:.4g}",
             f"{c.measured:.4g}" if c.measured is not None else "-",
             f"{c.ci[0]:.4g}-{c.ci[1]:.4g}" if c.ci else "-",
-            f"[{colour[c.verdict.value]}]{c.verdict.value}[/]",
+            styled(c.verdict.value, colour[c.verdict.value]),
         )
     console.print(t)
     for c in result.checks:
@@ -1259,9 +1266,9 @@ def main(argv: list[str] | None = None) -> None:
     except errors.DeployoptError as e:
         if _state["verbose"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        err_console.print(styled("error:", "bold red", f" {e.message}"), highlight=False)
         if e.hint:
-            err_console.print(f"[bold]hint:[/] {e.hint}", highlight=False)
+            err_console.print(styled("hint:", "bold", f" {e.hint}"), highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         rc = 130
@@ -1280,8 +1287,11 @@ def main(argv: list[str] | None = None) -> None:
     # for an interrupted run (a cancelled CI gate must not read as PASS)
     if rc == 130:
         err_console.print(
-            "[bold red]error:[/] interrupted (exit 130); finished variants are kept, nothing "
-            "half-written"
+            styled(
+                "error:",
+                "bold red",
+                " interrupted (exit 130); finished variants are kept, nothing half-written",
+            )
         )
     sys.exit(rc if isinstance(rc, int) else 0)
 
@@ -1289,6 +1299,10 @@ def main(argv: list[str] | None = None) -> None:
 def _internal_error() -> None:
     traceback.print_exc()
     err_console.print(
-        "[bold red]internal error[/] (a bug in deployopt: please report it with the traceback above)"
+        styled(
+            "internal error",
+            "bold red",
+            " (a bug in deployopt: please report it with the traceback above)",
+        )
     )
     sys.exit(errors.EXIT_INTERNAL)

@@ -102,3 +102,21 @@ class RuntimeUnavailableError(DeployoptError):
 
     exit_code = EXIT_INVALID_RUN
     default_hint = "install deployopt[cpu] (or deployopt[gpu] for CUDA)"
+
+
+class OutputError(DeployoptError):
+    """The output folder cannot hold the results: not writable, a read-only file system, or a
+    full disk. Checked before any work, and raised (never cached as a failed variant) when a
+    write fails mid-run."""
+
+    exit_code = EXIT_INVALID_RUN
+    default_hint = "choose an output folder on a writable file system with free space (-o DIR)"
+
+
+class InputShapeError(UsageError):
+    """The model's inputs could not be given concrete shapes or values that the model runs on."""
+
+    default_hint = (
+        "give real inputs with --eval and --calibration FILE.npz (one array per model input, "
+        "samples first)"
+    )

@@ -165,13 +165,15 @@ def read_report(path: Path) -> dict:
         raise UsageError(f"{path}: no such report") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a JSON report ({e})") from None
+    from deployopt.report import READABLE_SCHEMAS, load_samples
+
     found = doc.get("schema") if isinstance(doc, dict) else None
-    if found != "deployopt.report/1":
+    if found not in READABLE_SCHEMAS:
         raise ConfigError(
             f"{path}: not a deployopt report (schema {found!r})",
             hint="pass the report.json that `deployopt optimize` wrote",
         )
-    return doc
+    return load_samples(doc, Path(path).parent)  # the latency samples from samples.npz
 
 
 def judge_report(

@@ -8,7 +8,7 @@ get real sentences through their tokenizer (never random token ids); other model
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,16 @@ def text_batches(
     specs: Sequence[InputSpec],
     batch_size: int,
     max_length: int,
+    warn: Callable[[str], None] | None = None,
+    source: str = "the texts",
 ) -> list[Batch]:
-    """Tokenize real sentences into batches padded to each batch's longest sentence."""
+    """Tokenize real sentences into batches padded to each batch's longest sentence; texts
+    over ``max_length`` tokens are truncated, and ``warn`` (when given) is told so once, with
+    how many and the limit (:func:`truncation_note`)."""
+    if warn is not None:
+        note = truncation_note(tokenizer, texts, max_length, source)
+        if note:
+            warn(note)
     wanted = {s.name: np.dtype(s.dtype) for s in specs}
     batches = []
     for start in range(0, len(texts), batch_size):
@@ -149,6 +157,74 @@ def text_batches(
                 raise DataError(f"the tokenizer gives no {name!r}, which the model needs")
         batches.append(batch)
     return batches
+
+
+def truncation_note(
+    tokenizer: Any, texts: Sequence[str], max_length: int, source: str = "the texts"
+) -> str | None:
+    """One line saying how many of ``texts`` are longer than ``max_length`` tokens (special
+    tokens included) and so are cut, or None when none is."""
+    enc = tokenizer(list(texts), truncation=False, verbose=False)  # no per-text warning
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    over = [n for n in lengths if n > max_length]
+    if not over:
+        return None
+    return (
+        f"{len(over)} of {len(texts)} lines of {source} are longer than the {max_length}-token "
+        f"limit (the longest has {max(over)} tokens) and were truncated to {max_length} tokens; "
+        "raise --max-length or shorten them"
+    )
+
+
+def vocab_size(model_path: Path, input_name: str = "input_ids") -> int | None:
+    """Rows of the embedding table that ``input_name`` indexes in the ONNX graph (a Gather on
+    an initializer, or onnxruntime's fused EmbedLayerNormalization), following Casts,
+    Reshapes and the like on the ids and Casts / DequantizeLinear on the table (fp16, int8
+    variants); the smallest if several, None if none is found. Token ids drawn for that input
+    must stay below it (issue 12: a 1,000-token BERT got id 13463)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    tables = {i.name: int(i.dims[0]) for i in graph.initializer if i.dims}
+    for n in graph.node:  # a table given as a Constant node
+        if n.op_type == "Constant" and n.output:
+            t = next((a.t for a in n.attribute if a.name == "value" and a.t.dims), None)
+            if t is not None:
+                tables[n.output[0]] = int(t.dims[0])
+    producer = {o: n for n in graph.node for o in n.output if o}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def table_rows(name: str) -> int | None:
+        for _ in range(8):  # through a few Casts / DequantizeLinear
+            if name in tables:
+                return tables[name]
+            p = producer.get(name)
+            if p is None or p.op_type not in ("Cast", "DequantizeLinear", "Identity"):
+                return None
+            name = p.input[0]
+        return None
+
+    found, ids, seen = [], [input_name], set()
+    while ids:
+        t = ids.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for n in consumers.get(t, []):
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t:
+                found.append(table_rows(n.input[0]))
+            elif n.op_type == "EmbedLayerNormalization" and n.input[0] == t:
+                found.append(table_rows(n.input[2]) if len(n.input) > 2 else None)
+            elif n.op_type in _ID_PASSTHROUGH and n.input[0] == t:
+                ids.extend(o for o in n.output if o)
+    rows = [r for r in found if r]
+    return min(rows) if rows else None
+
+
+_ID_PASSTHROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
 
 
 def read_texts(path: Path, limit: int | None = None) -> list[str]:
@@ -213,13 +289,30 @@ def read_examples(
                         hint="use .csv or .jsonl with a label column",
                     )
                 texts = [ln.strip() for ln in f if ln.strip()]
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError as e:  # its offset is into a decoder chunk: find the line
+        lineno, col, reason = first_invalid_utf8(path) or (None, e.start, e.reason)
+        where = f"{path}:{lineno}" if lineno else str(path)
+        raise DataError(
+            f"{where}: not UTF-8 text ({reason} at byte {col + 1} of line {lineno or '?'})",
+            hint="save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT",
+        ) from None
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e})") from None
     if not texts:
         raise DataError(f"{path}: no examples found", hint="the file is empty")
     return texts, (labels if label_column else None)
+
+
+def first_invalid_utf8(path: Path) -> tuple[int, int, str] | None:
+    """(1-based line, 0-based byte in that line, reason) of the first bytes of ``path`` that
+    are not UTF-8, or None when it all decodes."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return lineno, e.start, e.reason
+    return None
 
 
 def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list[Batch]:
@@ -256,5 +349,11 @@ def read_arrays(path: Path, specs: Sequence[InputSpec], batch_size: int) -> list
     ]
 
 
+def batch_rows(batch: Batch) -> int:
+    """Samples in one batch: the leading dim of its first input that has one (a scalar input,
+    like a voice model's ``sr``, has none; such batches hold one sample, deployopt.feeds)."""
+    return next((len(a) for a in batch.values() if np.ndim(a) > 0), 1)
+
+
 def count_samples(batches: Sequence[Batch]) -> int:
-    return sum(len(next(iter(b.values()))) for b in batches) if batches else 0
+    return sum(batch_rows(b) for b in batches)

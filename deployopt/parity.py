@@ -57,6 +57,8 @@ class OutputParity:
     min_cosine: float
     nonfinite: int
     argmax_agreement: float | None
+    # the reference is the same for every input: agreement on it proves nothing
+    constant: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def compare(
         raise ValueError("parity needs at least one batch")
     outputs = []
     failures = []
+    constant = constant_outputs(reference)
     for name in reference[0]:
         refs, cands, cos, agree = [], [], [], []
         max_abs = 0.0
@@ -153,10 +156,48 @@ def compare(
             min_cosine=float(allcos.min()),
             nonfinite=nonfinite,
             argmax_agreement=float(np.concatenate(agree).mean()) if agree else None,
+            constant=name in constant,
         )
         outputs.append(op)
         failures.extend(_check(op, tolerance))
     return ParityReport(outputs=tuple(outputs), failures=tuple(failures))
+
+
+def constant_outputs(
+    batches: Sequence[Batch], inputs: Sequence[Batch] | None = None
+) -> dict[str, str]:
+    """The outputs that do not vary across the samples of ``batches`` (reference outputs on
+    the evaluation inputs), each with what it always is (``"all zeros"``, ``"always 3.5"``,
+    ``"the same array for every input"``). Parity on such an output passes whatever the
+    candidate computes from its input (cosine 1.0 for a model that outputs zeros), so callers
+    warn. Needs two samples at least, and ``inputs`` (when given) that vary themselves; values
+    within 1e-6 of the output's scale count as equal."""
+    if sum(len(next(iter(b.values()))) for b in batches if b) < 2:
+        return {}
+    if inputs and len(constant_outputs(inputs)) == len(inputs[0]):
+        return {}  # the same input every time: nothing to vary
+    out = {}
+    for name in batches[0]:
+        rows = [_rows(b[name]) for b in batches if name in b]
+        first = rows[0][0]
+        if not first.size or not np.isfinite(first).all():
+            continue
+        tol = 1e-6 * max(max(float(np.abs(r).max()) if r.size else 0.0 for r in rows), 1.0)
+        flat = float(np.ptp(first)) <= tol  # one value throughout, whatever the shape
+
+        def same(r: np.ndarray, first=first, tol=tol, flat=flat) -> bool:
+            if r.shape[1:] == first.shape:
+                return bool(np.all(np.abs(r - first) <= tol))
+            return flat and bool(np.all(np.abs(r - first[0]) <= tol))  # e.g. another seq len
+
+        if not all(same(r) for r in rows):
+            continue
+        if flat:
+            value = float(first[0])
+            out[name] = "all zeros" if value == 0 else f"always {value:.6g}"
+        else:
+            out[name] = "the same array for every input"
+    return out
 
 
 def _check(op: OutputParity, tol: Tolerance) -> list[str]:

@@ -16,7 +16,9 @@ from typing import Any
 from deployopt.benchmark import DRIFT_WARN
 from deployopt.workspace import write_json, write_text
 
-SCHEMA_ID = "deployopt.report/1"
+SCHEMA_ID = "deployopt.report/2"  # 2: latency samples in a side file (SAMPLES_FILE)
+READABLE_SCHEMAS = ("deployopt.report/1", SCHEMA_ID)  # 1 inlined every sample
+SAMPLES_FILE = "samples.npz"
 
 
 def schema() -> dict:
@@ -63,8 +65,10 @@ def build(
     choice: Mapping[str, Any] | None,
     model_lineage: Sequence[Mapping[str, Any]] = (),
     search: Mapping[str, Any] | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict:
-    """Assemble the report document (plain JSON data)."""
+    """Assemble the report document (plain JSON data, every latency sample inlined;
+    :func:`write_all` moves the samples to a side file)."""
     from deployopt import __version__
 
     rows = []
@@ -89,6 +93,7 @@ def build(
         "choice": dict(choice) if choice else None,
         "lineage": [dict(x) for x in model_lineage],
         "search": dict(search) if search else None,
+        "warnings": list(warnings),
     }
 
 
@@ -268,11 +273,19 @@ def render_md(report: Mapping[str, Any]) -> str:
             "within this run, not absolute numbers across runs):",
         ]
         lines += [f"- {n}: {d:.0%}" for n, d in drifted]
+    lines += warning_lines(report)
     failed = [v for v in report["variants"] if v["status"] != "ok"]
     if failed:
         lines += ["", "Variants not built or failed:"]
         lines += [f"- {v['name']} ({v['status']}): {v['reason']}" for v in failed]
     return "\n".join(lines) + "\n"
+
+
+def warning_lines(report: Mapping[str, Any]) -> list[str]:
+    """The run's warnings and each variant's, as a report.md section (empty when none)."""
+    found = list(report.get("warnings") or [])
+    found += [f"{v['name']}: {w}" for v in report["variants"] for w in v.get("warnings") or []]
+    return ["", "Warnings:", *(f"- {w}" for w in found)] if found else []
 
 
 def _png(fig) -> str:
@@ -398,9 +411,94 @@ figure {{ display: inline-block; margin: 1em; }}
 
 
 def write_all(out: Path, report: Mapping[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md and report.html atomically."""
+    """Write report.json, its latency samples (``samples.npz``), report.md and report.html,
+    each atomically. report.json stays small whatever the sample counts: every ``samples_ms``
+    list is replaced by a ``samples_ref`` key into the side file, whose name and sha256 the
+    report records (:func:`load_samples` puts them back)."""
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
-    write_json(paths["json"], report)
+    small, arrays = split_samples(report)
+    if arrays:
+        paths["samples"] = out / SAMPLES_FILE
+        small["samples_file"] = SAMPLES_FILE
+        small["samples_sha256"] = write_samples(paths["samples"], arrays)
+    else:
+        (out / SAMPLES_FILE).unlink(missing_ok=True)  # never a stale one beside a new report
+    write_json(paths["json"], small)
     write_text(paths["md"], render_md(report))
     write_text(paths["html"], render_html(report))
     return paths
+
+
+def split_samples(report: Mapping[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """A copy of ``report`` with every non-empty ``samples_ms`` list (bench results, wherever
+    they sit) replaced by ``samples_ref``, and the arrays by key."""
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            d = {k: walk(v) for k, v in x.items()}
+            if isinstance(d.get("samples_ms"), list | tuple) and d["samples_ms"]:
+                key = f"s{len(arrays):05d}"
+                arrays[key] = np.asarray(d.pop("samples_ms"), dtype=np.float64)
+                d["samples_ref"] = key
+            return d
+        if isinstance(x, list | tuple):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(report), arrays
+
+
+def write_samples(path: Path, arrays: Mapping[str, Any]) -> str:
+    """``arrays`` as a compressed .npz written atomically; returns its sha256."""
+    import numpy as np
+
+    from deployopt.workspace import atomic_path, sha256_file
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return sha256_file(path)
+
+
+def load_samples(doc: dict, folder: Path) -> dict:
+    """Put the samples of the side file back into ``doc`` (in place; also returned): every
+    ``samples_ref`` becomes ``samples_ms`` again. A report without a side file (schema 1, or
+    no samples) is returned as it is. Raises ConfigError when the file is missing, altered or
+    lacks a sample set the report refers to."""
+    import numpy as np
+
+    from deployopt.errors import ConfigError
+    from deployopt.workspace import sha256_file
+
+    name = doc.get("samples_file")
+    if not name:
+        return doc
+    path = Path(folder) / Path(name).name  # beside the report, never elsewhere
+    hint = "keep the report's samples.npz beside report.json (they are written together)"
+    if not path.is_file():
+        raise ConfigError(f"{path}: the report's latency samples file is missing", hint=hint)
+    if doc.get("samples_sha256") and sha256_file(path) != doc["samples_sha256"]:
+        raise ConfigError(f"{path}: does not match the report (sha256 differs)", hint=hint)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable samples file ({e})", hint=hint) from None
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            ref = x.get("samples_ref")
+            if ref is not None:
+                if ref not in arrays:
+                    raise ConfigError(f"{path}: no sample set {ref!r}", hint=hint)
+                x["samples_ms"] = arrays[ref].tolist()
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc)
+    return doc

@@ -18,10 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from deployopt.config import OptimizeConfig
-from deployopt.errors import DeployoptError, ParityError, StageError
+from deployopt.errors import (
+    DeployoptError,
+    InputModelError,
+    OutputError,
+    ParityError,
+    StageError,
+)
+from deployopt.feeds import is_stateful, stateful_batches, unknown_zero_dims, unknown_zero_specs
+from deployopt.graphs import reorder_file
 from deployopt.hardware import CpuDescriptor, detect_cpu
 from deployopt.inputs import (
     Batch,
@@ -34,14 +43,22 @@ from deployopt.inputs import (
     text_batches,
 )
 from deployopt.parity import EXACT, Tolerance, compare
+from deployopt.preflight import check_declared_sizes, check_graph_sizes
 from deployopt.sources import OnnxSource, Source, TorchSource, read_onnx
 from deployopt.stages.base import MODEL_FILE, Context, model_files, save_model, size_bytes
 from deployopt.variant import STATUS_FAILED, STATUS_SKIPPED, Variant, variant_id
-from deployopt.workspace import atomic_dir, clean_stale_temps, sha256_file, write_json
+from deployopt.workspace import (
+    atomic_dir,
+    clean_stale_temps,
+    disk_error,
+    sha256_file,
+    write_json,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 SYNTHETIC_SAMPLES = 64
+INPUT_VERSION = 2  # of the input's working copy (2: dims written as 0 read as unknown)
 
 
 @dataclass
@@ -57,6 +74,7 @@ class OptimizeResult:
     screening: dict[str, Any] = field(default_factory=dict)  # variant name -> BenchResult
     funnel: dict[str, int] = field(default_factory=dict)  # candidates kept by each step
     reports: dict[str, Path] = field(default_factory=dict)
+    failure: Any = None  # the NoViableVariantError the run ends with (ship.failure), or None
 
     def by_name(self, name: str) -> Variant:
         for v in self.variants:
@@ -72,9 +90,13 @@ def default_texts(kind: str) -> list[str]:
 
 
 def build_data(
-    source: Source, specs: list[InputSpec], cfg: OptimizeConfig
+    source: Source,
+    specs: list[InputSpec],
+    cfg: OptimizeConfig,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[list[Batch], list[Batch], dict[str, str]]:
-    """Evaluation and calibration batches, and a description of where each came from."""
+    """Evaluation and calibration batches, and a description of where each came from;
+    ``warn`` hears about texts cut at the token limit (once per data set)."""
     text = source.tokenizer is not None and all(s.is_text for s in specs)
     bs = cfg.batch_size
     desc = {}
@@ -85,20 +107,35 @@ def build_data(
             if path is None or path.suffix not in (".npz", ".npy"):
                 texts = read_texts(path, limit) if path else default_texts(kind)[:limit]
                 desc[kind] = f"{path or 'bundled ' + kind + ' sentences'} ({len(texts)} texts)"
-                return text_batches(source.tokenizer, texts, specs, bs, cfg.max_length)
+                return text_batches(
+                    source.tokenizer, texts, specs, bs, cfg.max_length, warn,
+                    f"the {'evaluation' if kind == 'eval' else 'calibration'} data "
+                    f"({path or 'bundled sentences'})",
+                )  # fmt: skip
         if path is not None:
             batches = read_arrays(path, specs, bs)
             desc[kind] = f"{path} ({count_samples(batches)} samples)"
             return batches
         n = limit or SYNTHETIC_SAMPLES
+        model = getattr(source, "path", None)
+        # declared sizes against the memory budget before anything is allocated (exit 5)
+        check_declared_sizes(model or source.label, specs, 1 if stateful else bs)
+        if stateful:  # scalars and recurrent state: one sample a batch, scalars from the graph
+            desc[kind] = (
+                f"synthetic seeded inputs ({n} single samples, seed {seed}; scalar inputs "
+                "set to the constants the graph compares them with)"
+            )
+            return stateful_batches(specs, model, n, seed)
         desc[kind] = f"synthetic seeded inputs ({n} samples, seed {seed})"
         return synthetic_batches(specs, n, bs, {"*": 16}, seed=seed)
 
+    stateful = isinstance(source, OnnxSource) and is_stateful(specs)
     evaluation = load(cfg.evaluation, "eval", 0)
     calibration = load(cfg.calibration, "calibration", 1)
-    # one single-sample batch: export is proved on batch 1 as well as on full batches
-    first = evaluation[0]
-    evaluation = evaluation + [{k: v[:1] for k, v in first.items()}]
+    if not stateful:
+        # one single-sample batch: export is proved on batch 1 as well as on full batches
+        first = evaluation[0]
+        evaluation = evaluation + [{k: v[:1] for k, v in first.items()}]
     return evaluation, calibration, desc
 
 
@@ -121,6 +158,7 @@ class Runner:
         self.force = force
         self.variants: list[Variant] = []
         self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []  # run-level: said once on the log, kept in the report
 
     # ---------------------------------------------------------------- public
 
@@ -137,6 +175,7 @@ class Runner:
             "source": self.source.label,
             "task": self.source.meta.task,
             "lineage": list(getattr(self.source.meta, "lineage", []) or []),
+            "warnings": self.warnings,
         }
         if not base.ok:
             self._finish()
@@ -154,7 +193,10 @@ class Runner:
             log=self.log,
             timeout_s=self.cfg.worker_timeout_s,
         )
-        reference = self._outputs(base.path, base.name)
+        reference = getattr(self, "_reference", None)  # the input's, from its load probe
+        if reference is None:
+            reference = self._outputs(base.path, base.name)
+        self._warn_constant(reference, evaluation, desc.get("eval", "the evaluation inputs"))
         if "fuse" in self.cfg.variants:
             on_step("fuse")
             self._variant(FuseStage(), ctx, reference)
@@ -233,7 +275,7 @@ class Runner:
         src = self.source
         evaluation: list[Batch]
         if isinstance(src, TorchSource):
-            evaluation, calibration, desc = build_data(src, src.specs, self.cfg)
+            evaluation, calibration, desc = build_data(src, src.specs, self.cfg, self.warn)
             self._evaluation = evaluation
             from deployopt.stages import export as export_stage
 
@@ -248,22 +290,78 @@ class Runner:
             v = self._prove(v, ref, EXACT, "PyTorch", classifier=src.meta.classifier_outputs)
         else:
             assert isinstance(src, OnnxSource)
-            specs = specs_from_onnx(src.path)
-            evaluation, calibration, desc = build_data(src, specs, self.cfg)
+            specs = unknown_zero_specs(specs_from_onnx(src.path))
+            # declared sizes are checked against the memory budget inside build_data
+            evaluation, calibration, desc = build_data(src, specs, self.cfg, self.warn)
+            check_graph_sizes(src.path)  # a ConstantOfShape of 2**40: refused before any run
             self._evaluation = evaluation
-            vid = src.content_hash[:16]
+            # v2: the working copy reads dims written as 0 as unknown (deployopt.feeds)
+            vid = variant_id(None, "input", INPUT_VERSION, {"sha256": src.content_hash})
 
             def copy(d: Path):
                 import onnx
 
                 read_onnx(src.path)  # checked again: the file may have changed since loading
-                save_model(onnx.load(str(src.path)), d)
+                model = onnx.load(str(src.path))
+                warnings = unknown_zero_dims(model)
+                save_model(model, d)
+                return SimpleNamespace(warnings=warnings)
 
             v = self._cached(vid) or self._build(
                 vid, "fp32", "input", None, {"source": str(src.path)}, copy
             )
+            # loaded and run in a worker before it is called ok: its outputs are the reference
+            self._reference = self._probe(v, evaluation, desc.get("eval", ""))
         self._record(v)
         return v, evaluation, calibration, desc
+
+    def _probe(self, v: Variant, evaluation: list[Batch], data: str) -> list:
+        """The input model's outputs on ``evaluation``, from a worker that loads and runs it
+        first thing; a model onnxruntime cannot load or run is refused with one precise line,
+        and its working copy is removed, so nothing of it is cached as ok."""
+        from deployopt.feeds import describe
+        from deployopt.preflight import judge_probe
+        from deployopt.runtime.session import probe_model
+        from deployopt.runtime.worker import WorkerCrashed, run_in_worker
+
+        path = self.source.path
+        try:
+            verdict = run_in_worker(
+                probe_model,
+                v.path,
+                evaluation,
+                self.cfg.threads,
+                timeout_s=self.cfg.worker_timeout_s,
+                label="fp32 load",
+            )
+            return judge_probe(path, verdict, f"{describe(evaluation[0])} ({data})")
+        except WorkerCrashed as e:
+            shutil.rmtree(v.path.parent, ignore_errors=True)
+            raise InputModelError(
+                f"{path}: onnxruntime crashed loading or running the model ({e})",
+                hint="the model crashes onnxruntime natively; report it to the model's authors",
+            ) from None
+        except DeployoptError:
+            shutil.rmtree(v.path.parent, ignore_errors=True)
+            raise
+
+    def warn(self, message: str) -> None:
+        """A run-level warning: logged once and kept in the report (meta["warnings"])."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            self.log(f"warning: {message}")
+
+    def _warn_constant(self, reference, evaluation, data: str) -> None:
+        """Outputs that do not vary across the evaluation inputs: parity on them proves nothing
+        (a model that outputs zeros has cosine 1.0 with any candidate that does too)."""
+        from deployopt.parity import constant_outputs
+
+        for name, what in constant_outputs(reference, evaluation).items():
+            self.warn(
+                f"output {name!r} does not vary across the evaluation inputs ({what} on "
+                f"{data}): parity on it cannot tell a broken variant from a good one; check the "
+                "model, or give varied --eval data"
+            )
 
     # ---------------------------------------------------------------- variants
 
@@ -339,6 +437,7 @@ class Runner:
                 if not model.is_file():
                     raise StageError(f"{name}: the stage wrote no model")
                 if stage != "input":  # the user's own file was checked when it was read
+                    reorder_file(tmp, MODEL_FILE)  # If/Loop/Scan bodies' outer reads first
                     check_model(model, name)
                 for p in tmp.glob(".*"):  # scratch files of the stage
                     p.unlink() if p.is_file() else shutil.rmtree(p)
@@ -360,9 +459,12 @@ class Runner:
                     warnings=tuple(getattr(result, "warnings", []) or []),
                 )
                 write_json(tmp / "variant.json", v.to_json(relative_to=final))
-        except DeployoptError:
-            raise
         except Exception as e:  # a library failing inside a stage fails that variant only
+            err = disk_error(e, final)  # but a full disk is the machine's state: no cache
+            if err is not None:
+                raise err from e
+            if isinstance(e, DeployoptError):
+                raise
             raise StageError(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
         for w in v.warnings:
             self.log(f"warning: {name}: {w}")
@@ -390,6 +492,8 @@ class Runner:
         """Parity of ``v`` against ``reference``; a variant outside tolerance becomes failed."""
         try:
             cand = self._outputs(v.path, v.name)
+        except OutputError:  # the disk, not the variant: stop the run, record nothing
+            raise
         except DeployoptError as e:
             v = self._fail(v, f"cannot run: {e}")
             self._write_meta(v)

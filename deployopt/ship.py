@@ -345,6 +345,9 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         result.choice = choose(cands, constraints)
         best = result.out_dir / BEST
         (result.out_dir / SESSION_FILE).unlink(missing_ok=True)  # never a stale one
+        result.failure = failure(result, cfg)  # the exit code is decided before shipping
+        if result.failure is not None:  # the report and the table show nothing chosen
+            result.choice = replace(result.choice, winner=None)
         if result.choice.winner is not None:
             tuning = tune_sessions(result, cfg, target, log) if cfg.tune_session else None
             if tuning is not None:
@@ -362,6 +365,11 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         else:
             best.unlink(missing_ok=True)
             (result.out_dir / (BEST + ".data")).unlink(missing_ok=True)
+    else:
+        result.failure = failure(result, cfg)
+    if result.failure is not None:  # a failing run leaves no best.onnx, not even a stale one
+        for name in (BEST, BEST + ".data", SESSION_FILE):
+            (result.out_dir / name).unlink(missing_ok=True)
     doc = report.build(
         source=str(result.meta.get("source", "")),
         task=str(result.meta.get("task", "")),
@@ -385,9 +393,38 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
             "funnel": dict(result.funnel),
             "screening": {k: r.to_json() for k, r in result.screening.items()},
         },
+        warnings=result.meta.get("warnings", []),
     )
     result.reports = report.write_all(result.out_dir, doc)
     log(f"report: {result.reports['md']}")
+
+
+def failure(result: OptimizeResult, cfg: OptimizeConfig):
+    """The :class:`~deployopt.errors.NoViableVariantError` the run ends with, or None; pure, and
+    decided before anything is shipped (a failing exit code never leaves a ``best.onnx``):
+    variants were asked for and none but the input passed its checks, or none meets the
+    constraints."""
+    from deployopt.errors import NoViableVariantError
+
+    built = [v for v in result.variants if v.stage not in ("input", "export")]
+    if cfg.variants and not any(v.ok for v in built):
+        return NoViableVariantError(
+            "no variant passed its checks: "
+            + "; ".join(f"{v.name}: {v.status} ({v.reason})" for v in built)
+            if built
+            else "no variant was built",
+            hint=f"each variant's reason is in {result.manifest}; nothing was shipped "
+            "(the input model is the only one that ran)",
+        )
+    choice = result.choice
+    if choice is not None and choice.winner is None:
+        return NoViableVariantError(
+            "no variant meets the constraints: "
+            + "; ".join(f"{k}: {why}" for k, why in choice.rejected.items()),
+            hint="relax --min-cosine/--max-size-mb/--max-latency-ms, or see "
+            + str(result.out_dir / "report.md"),
+        )
+    return None
 
 
 def _promote(choice: Choice, name: str) -> Choice:

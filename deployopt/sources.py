@@ -263,6 +263,7 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         "image-classification": transformers.AutoModelForImageClassification,
         "token-classification": transformers.AutoModelForTokenClassification,
     }.get(task, transformers.AutoModel)
+    pruned = _register_pruned(folder, cfg) or bool(cfg.get("deployopt_pruning"))
     try:
         config = AutoConfig.from_pretrained(
             str(folder), trust_remote_code=trust_remote_code, local_files_only=True
@@ -291,13 +292,13 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
 
     meta = ModelMeta(
         task=task,
-        model_type=getattr(config, "model_type", None),
+        model_type=getattr(config, "pruned_from", None) or getattr(config, "model_type", None),
         num_heads=getattr(config, "num_attention_heads", None),
         hidden_size=getattr(config, "hidden_size", None),
         max_positions=getattr(config, "max_position_embeddings", None),
         lineage=list(cfg.get("deployopt_lineage") or []),
     )
-    if cfg.get("deployopt_pruning"):  # heads no longer follow the config: fusers read the graph
+    if pruned:  # heads no longer follow the config: fusers read the graph
         meta.num_heads, meta.hidden_size = 0, 0
     content_hash = _folder_hash(folder, ["config.json", *(safet or bins)])
     from deployopt.torchside import wrappers
@@ -349,9 +350,28 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
     )
 
 
+def _register_pruned(folder: Path, cfg: dict) -> bool:
+    """For a folder that ``deployopt prune`` saved as model type ``deployopt_pruned_<type>``:
+    register deployopt's pruned classes with transformers (they record every layer's heads and
+    FFN width); True when the folder is one."""
+    model_type = str(cfg.get("model_type") or "")
+    if not model_type.startswith("deployopt_pruned_"):
+        return False
+    from deployopt.torchside import hf_pruned
+
+    if model_type not in {c.model_type for c in hf_pruned.CONFIGS.values()}:
+        raise InputModelError(
+            f"{folder / 'config.json'}: model type {model_type!r} is not one this deployopt "
+            f"knows (it has {', '.join(sorted(c.model_type for c in hf_pruned.CONFIGS.values()))})",
+            hint="load the folder with the deployopt version that wrote it",
+        )
+    return True
+
+
 def _pruned_hf(folder: Path, auto, config, safet: list[str], pruning: dict):
-    """A pruned HF model: built from its config, resized to the saved module shapes (the config
-    cannot say "8 heads of 32 dims in a 384-wide layer"), then its weights loaded strictly."""
+    """A folder pruned by deployopt before its pruned classes existed (or of an architecture
+    without one): built from its config, resized to the saved module shapes (the config cannot
+    say "8 heads of 32 dims in a 384-wide layer"), then its weights loaded strictly."""
     from deployopt.torchside.pruning import restore_shapes
 
     if len(safet) != 1:
@@ -574,7 +594,22 @@ def check_external_data(model, folder: Path, model_path: Path) -> list[Path]:
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
+        try:  # onnx refuses a negative or non-numeric offset/length with a bare ValueError
+            info = ExternalDataInfo(tensor)
+        except ValueError as e:
+            entries = {x.key: x.value for x in tensor.external_data}
+            raise InputModelError(
+                f"{model_path}: external data of tensor {tensor.name!r} is malformed "
+                f"(offset {entries.get('offset', '-')!r}, length {entries.get('length', '-')!r}: "
+                f"{str(e).splitlines()[0][:120]})",
+                hint="re-save the model with onnx.save(..., save_as_external_data=True)",
+            ) from None
+        if (info.offset or 0) < 0 or (info.length or 0) < 0:
+            raise InputModelError(
+                f"{model_path}: external data of tensor {tensor.name!r} has a negative "
+                f"{'offset' if (info.offset or 0) < 0 else 'length'}",
+                hint="re-save the model with onnx.save(..., save_as_external_data=True)",
+            )
         loc = info.location
         bad = None
         if not loc:
@@ -679,6 +714,9 @@ def onnx_source(path: Path) -> OnnxSource:
             hidden_size=c.get("hidden_size"),
             max_positions=c.get("max_position_embeddings"),
         )
+        if c.get("deployopt_pruning") or c.get("heads_per_layer"):  # pruned: heads vary
+            meta.model_type = str(meta.model_type).removeprefix("deployopt_pruned_")
+            meta.num_heads, meta.hidden_size = 0, 0
     tokenizer = load_tokenizer(path.parent)
     outs = [o for o in model.graph.output]
     if meta.task in ("text-classification", "image-classification", "custom"):

@@ -6,7 +6,8 @@ reports the providers it really uses so callers can refuse a silent CPU fallback
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def create_session(
         return rt.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
         raise InputModelError(
-            f"{path}: onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}"
+            f"{path}: onnxruntime cannot load the model: {explain_ort_error(str(e))}"
         ) from None
 
 
@@ -210,3 +211,111 @@ def node_providers(path: Path, target, feeds: dict[str, np.ndarray]) -> dict[str
             seen.add(ev["name"])
             counts[args["provider"]] = counts.get(args["provider"], 0) + 1
     return counts
+
+
+# ---------------------------------------------------------------- the input model's probe
+
+_ORT_PREFIX = re.compile(r"\s*\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_SOURCE_LOC = re.compile(r"(?:/onnxruntime_src/)?[\w/.-]+\.(?:cc|h|cpp):\d+\s+")
+# a C++ signature onnxruntime puts before its message: "void* onnxruntime::X::Y(args) Message"
+_SIGNATURE = re.compile(
+    r"(?:(?:virtual|const|static)\s+)*(?:[\w:*&<>]+\s+)?onnxruntime::[\w:<>~]+"
+    r"\((?:[^()]|\([^()]*\))*\)(?:\s*const)?\s*"
+)
+_RULES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
+    (
+        re.compile(r"Opset (\d+) is under development.*?domain ([\w.]+) is till opset (\d+)", re.S),
+        lambda m: (
+            f"the model imports opset {m[1]} of the default domain ({m[2]}); this "
+            f"onnxruntime supports up to opset {m[3]}"
+        ),
+    ),
+    (
+        re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op"),
+        lambda m: (
+            f"op {m[2]} of domain {m[1] or 'ai.onnx'!r} is not known to this "
+            "onnxruntime (no kernel or function registered for it)"
+        ),
+    ),
+    (
+        re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"),
+        lambda m: f"no kernel for op {m[1]} (opset {m[2]}) of node {m[3]!r}",
+    ),
+    (
+        re.compile(
+            r"running (\w+) node\. Name:'([^']*)'.*?Failed to allocate memory for requested "
+            r"buffer of size (\d+)",
+            re.S,
+        ),
+        lambda m: (
+            f"node {m[2]!r} ({m[1]}) asks for {int(m[3]):,} bytes, more than can be allocated"
+        ),
+    ),
+    (
+        re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S),
+        lambda m: f"node {m[2]!r} ({m[1]}) failed: {_clean(m[3])}",
+    ),
+    (
+        re.compile(r"invalid dimensions for input: (\S+) for the following indices\s+(.*)", re.S),
+        lambda m: f"input {m[1]!r} has the wrong shape ({_clean(m[2]).split(' Please')[0]})",
+    ),
+)
+
+
+def _clean(msg: str) -> str:
+    msg = _ORT_PREFIX.sub(" ", msg)
+    msg = re.sub(r"Load model from \S+ failed:\s*", "", msg)
+    msg = _SIGNATURE.sub("", _SOURCE_LOC.sub("", msg))
+    msg = msg.replace("Fatal error: ", "")
+    return " ".join(msg.split())
+
+
+_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: ")
+
+
+def _node_chain(msg: str) -> str | None:
+    """``node 'If_0' (If) > node '' (Sigmoid) failed: <innermost message>`` for an error inside
+    a subgraph (onnxruntime nests one status message in another)."""
+    found = list(_NODE.finditer(msg))
+    if len(found) < 2:
+        return None
+    chain = " > ".join(f"node {m[2]!r} ({m[1]})" for m in found)
+    return f"{chain} failed: {_clean(msg[found[-1].end() :])}"
+
+
+def explain_ort_error(msg: str, limit: int = 240) -> str:
+    """One line for an onnxruntime error: which op, domain, opset, node or input, without the
+    C++ source locations and signatures; cut at a word boundary when long."""
+    nested = _node_chain(msg)
+    for pattern, say in () if nested else _RULES:
+        m = pattern.search(msg)
+        if m:
+            line = say(m)
+            break
+    else:
+        line = nested or _clean(msg)
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
+
+
+def probe_model(
+    path: Path, batches: Sequence[dict[str, np.ndarray]], threads: int | None = None
+) -> tuple[str, object]:
+    """Load ``path`` and run ``batches``: ``("ok", outputs)``, ``("load", reason)`` or
+    ``("run", reason)``, the reason one line (:func:`explain_ort_error`). The unit of work of
+    the input model's probe, run in a worker process before anything is called ok."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.log_severity_level = 4  # the reason comes back in the answer, not as log noise
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        sess = rt.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        return "load", explain_ort_error(str(e))
+    try:
+        return "ok", run_batches(sess, batches)
+    except Exception as e:  # noqa: BLE001 - a run failure is the answer
+        return "run", explain_ort_error(str(e))

@@ -8,9 +8,11 @@ overrun becomes :class:`WorkerTimeout`, and the parent run goes on with that var
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from deployopt.errors import EXIT_INVALID_RUN, StageError
@@ -39,9 +41,13 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         conn.send(("ok", fn(*args, **kwargs)))
     except BaseException as e:  # report everything to the parent, which decides
         from deployopt.errors import DeployoptError
+        from deployopt.workspace import disk_cause
 
         kind = "deployopt" if isinstance(e, DeployoptError) else "error"
         detail = str(e) if kind == "deployopt" else f"{type(e).__name__}: {e}"
+        disk = disk_cause(e)
+        if disk is not None:  # the disk, not the model: the parent stops the run
+            kind, detail = "disk", (disk.errno, disk.filename and str(disk.filename))
         conn.send((kind, (detail, traceback.format_exc())))
     finally:
         conn.close()
@@ -83,6 +89,12 @@ def run_in_worker(
     if status == "ok":
         return payload
     detail, _tb = payload
+    if status == "disk":  # a full disk stops the run; it is never a failed variant
+        from deployopt.workspace import disk_error
+
+        code, filename = detail
+        err = disk_error(OSError(code, os.strerror(code), filename), Path(filename or "."))
+        raise err
     raise WorkerFailed(f"{label}: {detail}")
 
 
