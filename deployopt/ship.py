@@ -343,7 +343,6 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         result.bench = bench_variants(result, cfg, target, log, names=full)
         cands = candidates(result, result.bench, cfg.metric, screened_out)
         result.choice = choose(cands, constraints)
-        best = result.out_dir / BEST
         (result.out_dir / SESSION_FILE).unlink(missing_ok=True)  # never a stale one
         result.failure = failure(result, cfg)  # the exit code is decided before shipping
         if result.failure is not None:  # the report and the table show nothing chosen
@@ -362,12 +361,11 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
                 result.session = record
                 write_session(result.out_dir, tuned, record)
                 log(f"session: {record['chosen']} recommended -> {SESSION_FILE}")
-        else:
-            best.unlink(missing_ok=True)
-            (result.out_dir / (BEST + ".data")).unlink(missing_ok=True)
     else:
         result.failure = failure(result, cfg)
-    if result.failure is not None:  # a failing run leaves no best.onnx, not even a stale one
+    # a failing run (no winner among the benchmarked ones included) leaves no best.onnx,
+    # not even a stale one
+    if result.failure is not None:
         for name in (BEST, BEST + ".data", SESSION_FILE):
             (result.out_dir / name).unlink(missing_ok=True)
     doc = report.build(

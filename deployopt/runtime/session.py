@@ -60,6 +60,26 @@ def resolve_provider(name: str) -> str:
     return full
 
 
+def session_options(
+    threads: int | None = None,
+    optimization: str = "all",
+    session_config: dict[str, str] | None = None,
+    log_severity: int = 3,
+):
+    """onnxruntime SessionOptions: the optimization level, ``threads`` intra-op threads (one
+    inter-op), config entries, and log severity (3: errors; 4: fatal only)."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.graph_optimization_level = _LEVELS[optimization](rt)
+    so.log_severity_level = log_severity
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    for key, value in (session_config or {}).items():
+        so.add_session_config_entry(key, str(value))
+    return so
+
+
 def create_session(
     path: Path,
     provider: str = "cpu",
@@ -74,14 +94,7 @@ def create_session(
     onnxruntime session config entries (``session.intra_op.allow_spinning``, ...).
     """
     rt = ort()
-    so = rt.SessionOptions()
-    so.graph_optimization_level = _LEVELS[optimization](rt)
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    for key, value in (session_config or {}).items():
-        so.add_session_config_entry(key, str(value))
+    so = session_options(threads, optimization, session_config)
     full = resolve_provider(provider)
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
     try:
@@ -96,10 +109,8 @@ def offline_optimize(src: Path, dst: Path, optimization: str = "extended") -> No
     """Write onnxruntime's graph optimization of ``src`` at level ``optimization`` to ``dst``
     (a session is created for that and dropped); callers run it in a worker process."""
     rt = ort()
-    so = rt.SessionOptions()
-    so.graph_optimization_level = _LEVELS[optimization](rt)
+    so = session_options(optimization=optimization)
     so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
     try:
         rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
@@ -192,9 +203,8 @@ def node_providers(path: Path, target, feeds: dict[str, np.ndarray]) -> dict[str
     import tempfile
 
     rt = ort()
-    so = rt.SessionOptions()
+    so = session_options()
     so.enable_profiling = True
-    so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="deployopt-prof-") as tmp:
         so.profile_file_prefix = os.path.join(tmp, "p")
         full = resolve_provider(target.ep)
@@ -306,11 +316,7 @@ def probe_model(
     ``("run", reason)``, the reason one line (:func:`explain_ort_error`). The unit of work of
     the input model's probe, run in a worker process before anything is called ok."""
     rt = ort()
-    so = rt.SessionOptions()
-    so.log_severity_level = 4  # the reason comes back in the answer, not as log noise
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so = session_options(threads, log_severity=4)  # the reason comes back in the answer
     try:
         sess = rt.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types

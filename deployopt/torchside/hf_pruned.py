@@ -286,15 +286,9 @@ def _pruned_section(cfg, auto: str, cls: str, path: str, has_st: bool) -> list[s
         "read from this folder). It needs `pip install deployopt` (with torch and "
         "transformers).",
         "",
-        "```python",
-        f"{IMPORT}  # registers model type {cfg.model_type} with transformers",
-        f"from transformers import AutoTokenizer, {auto}",
-        "",
-        f"folder = {path}  # this folder; change it if you move the folder",
-        f"model = {auto}.from_pretrained(folder).eval()",
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        "```",
-        "",
+        *_auto_snippet(
+            auto, path, f"{IMPORT}  # registers model type {cfg.model_type} with transformers"
+        ),
         f"The class itself works too: `from deployopt.torchside.hf_pruned import {cls}` and "
         f"`{cls}.from_pretrained(folder)`.",
         "",
@@ -325,14 +319,12 @@ def _pruned_section(cfg, auto: str, cls: str, path: str, has_st: bool) -> list[s
     return lines
 
 
-def _plain_section(cfg, auto: str, path: str, has_st: bool) -> list[str]:
-    lines = [
-        "## Load it",
-        "",
-        f"Every layer still has the sizes a plain `{cfg.model_type}` config describes, so "
-        "transformers loads it on its own (no deployopt import needed):",
-        "",
+def _auto_snippet(auto: str, path: str, first_line: str | None = None) -> list[str]:
+    """The README's code block loading the folder with transformers' ``auto`` class (and its
+    tokenizer), after ``first_line`` (the registering import) when one is needed."""
+    return [
         "```python",
+        *([first_line] if first_line else []),
         f"from transformers import AutoTokenizer, {auto}",
         "",
         f"folder = {path}  # this folder; change it if you move the folder",
@@ -340,6 +332,17 @@ def _plain_section(cfg, auto: str, path: str, has_st: bool) -> list[str]:
         "tokenizer = AutoTokenizer.from_pretrained(folder)",
         "```",
         "",
+    ]
+
+
+def _plain_section(cfg, auto: str, path: str, has_st: bool) -> list[str]:
+    lines = [
+        "## Load it",
+        "",
+        f"Every layer still has the sizes a plain `{cfg.model_type}` config describes, so "
+        "transformers loads it on its own (no deployopt import needed):",
+        "",
+        *_auto_snippet(auto, path),
     ]
     if has_st:
         lines += [
