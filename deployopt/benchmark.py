@@ -91,6 +91,7 @@ class BenchSpec:
     batch: int = 1
     seq: int = 128
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # explicit NAME=DIMS overrides
+    dims: tuple[tuple[str, int], ...] = ()  # symbolic dims by name (an image's height, width)
     warmup: int = 5
     min_samples: int = 60
     min_seconds: float = 3.0
@@ -155,13 +156,14 @@ class BenchResult:
 
 def resolve_shapes(specs, spec: BenchSpec) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes: ``spec.shapes`` where given, else symbolic dims become the batch
-    (first dim) or the sequence length (any other)."""
+    (first dim), the size ``spec.dims`` names, or the sequence length (any other)."""
     overrides = dict(spec.shapes)
+    named = dict(spec.dims)
     return {
         s.name: tuple(overrides[s.name])
         if s.name in overrides
         else tuple(
-            d if isinstance(d, int) else (spec.batch if i == 0 else spec.seq)
+            d if isinstance(d, int) else (spec.batch if i == 0 else named.get(d, spec.seq))
             for i, d in enumerate(s.shape)
         )
         for s in specs

@@ -84,6 +84,8 @@ def _root(
     "  deployopt optimize minilm -o out\n\n"
     "  deployopt optimize ./my-bert-folder -o out --variants fuse,int8-dynamic\n\n"
     "  deployopt optimize model.onnx -o out --calibration calib.npz\n\n"
+    "  deployopt optimize detector.onnx -o out --calibration images/ --eval val-images/\n\n"
+    "  deployopt optimize detector.onnx -o out --input-shape images=1x3x640x640\n\n"
     "  deployopt optimize mypkg.models:make_cnn --input-shape x=1x3x32x32 -o out"
 )
 def optimize(
@@ -100,14 +102,18 @@ def optimize(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            help="Calibration data: text file (one example a line), .jsonl/.csv with 'text', or .npz."
+            help="Calibration data: text file (one example a line), .jsonl/.csv with 'text', "
+            ".npz, or a folder of images (resized to the model's input, normalised as "
+            "preprocessor_config.json or --image-mean/--image-std say)."
         ),
     ] = None,
     evaluation: Annotated[
         Path | None,
         typer.Option(
             "--eval",
-            help="Evaluation data for parity (same formats). Default: bundled sentences for text models, seeded synthetic inputs otherwise.",
+            help="Evaluation data for parity (same formats). Default: bundled sentences for "
+            "text models, seeded synthetic inputs otherwise (the report warns when an image "
+            "model was judged on noise).",
         ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = 18,
@@ -115,8 +121,23 @@ def optimize(
         list[str] | None,
         typer.Option(
             "--input-shape",
-            help="NAME=DIMS for a PyTorch factory, e.g. x=1x3x32x32 (repeat per input).",
+            help="NAME=DIMS, repeat per input. Required for a PyTorch factory "
+            "(x=1x3x32x32). For an .onnx file it settles symbolic dims (the first, the batch, "
+            "comes from --batch-size and --batch); without it an image input's symbolic "
+            "height/width is the size in the model's metadata, else the first of "
+            "224, 256, 320, 384, 448, 512, 640 the model runs at.",
         ),
+    ] = None,
+    image_mean: Annotated[
+        str | None,
+        typer.Option(
+            help="Per-channel mean for image folders, after scaling pixels to [0, 1], e.g. "
+            "0.485,0.456,0.406 (default: preprocessor_config.json beside the model, else 0)."
+        ),
+    ] = None,
+    image_std: Annotated[
+        str | None,
+        typer.Option(help="Per-channel std for image folders, e.g. 0.229,0.224,0.225 (default 1)."),
     ] = None,
     weights: Annotated[
         Path | None,
@@ -391,10 +412,23 @@ def optimize(
             tune_session=tune_session,
             min_min_cosine=min_min_cosine,
             search=search,
+            image_mean=_floats(image_mean, "--image-mean"),
+            image_std=_floats(image_std, "--image-std"),
         )
     _print_table(result)
     if result.failure is not None:  # decided before shipping: nothing was shipped
         raise result.failure
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise errors.UsageError(
+            f"bad {flag} {text!r}", hint=f"write numbers, e.g. {flag} 0.5,0.5,0.5"
+        ) from None
 
 
 def _batches(text: str) -> list[int]:

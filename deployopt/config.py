@@ -51,6 +51,16 @@ class OptimizeConfig(BaseModel):
     tune_session: bool = True  # search session settings for the winner and runners-up
     # candidate space and measurement effort: quick | default | exhaustive (deployopt.candidates)
     search: str = "default"
+    # folders of images: (pixel / 255 - mean) / std per channel (deployopt.images)
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+
+    @field_validator("image_mean", "image_std")
+    @classmethod
+    def _per_channel(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and len(v) not in (1, 3, 4):
+            raise ValueError("give 1 value (all channels) or one per channel (3, or 4)")
+        return v
 
     @field_validator("variants")
     @classmethod

@@ -94,12 +94,19 @@ def build_data(
     specs: list[InputSpec],
     cfg: OptimizeConfig,
     warn: Callable[[str], None] | None = None,
+    dims: dict[str, int] | None = None,
 ) -> tuple[list[Batch], list[Batch], dict[str, str]]:
     """Evaluation and calibration batches, and a description of where each came from;
-    ``warn`` hears about texts cut at the token limit (once per data set)."""
+    ``warn`` hears about texts cut at the token limit (once per data set) and about image
+    models measured on noise. ``dims``: symbolic dims already settled (deployopt.images);
+    any other gets 16."""
+    from deployopt import images
+
     text = source.tokenizer is not None and all(s.is_text for s in specs)
     bs = cfg.batch_size
     desc = {}
+    dims = {"*": images.DEFAULT_DIM, **(dims or {})}
+    is_image = any(images.image_layout(s) for s in specs)
 
     def load(path: Path | None, kind: str, seed: int) -> list[Batch]:
         limit = cfg.eval_samples if kind == "eval" else None
@@ -112,6 +119,14 @@ def build_data(
                     f"the {'evaluation' if kind == 'eval' else 'calibration'} data "
                     f"({path or 'bundled sentences'})",
                 )  # fmt: skip
+        if path is not None and path.is_dir():  # a folder of images
+            norm = images.normalization(
+                getattr(source, "path", None), cfg.image_mean, cfg.image_std
+            )
+            batches, desc[kind] = images.read_images(
+                path, specs, dims, bs, limit or cfg.calibration_samples, norm
+            )
+            return batches
         if path is not None:
             batches = read_arrays(path, specs, bs)
             desc[kind] = f"{path} ({count_samples(batches)} samples)"
@@ -127,7 +142,20 @@ def build_data(
             )
             return stateful_batches(specs, model, n, seed)
         desc[kind] = f"synthetic seeded inputs ({n} samples, seed {seed})"
-        return synthetic_batches(specs, n, bs, {"*": 16}, seed=seed)
+        if is_image and warn:
+            flag = "--eval" if kind == "eval" else "--calibration"
+            warn(
+                f"the {'evaluation' if kind == 'eval' else 'calibration'} inputs are seeded "
+                "noise, not images: "
+                + (
+                    "cosine and argmax agreement measured on noise say little about "
+                    "accuracy on real images"
+                    if kind == "eval"
+                    else "static int8 ranges calibrated on noise fit real images poorly"
+                )
+                + f"; give {flag} FOLDER of images"
+            )
+        return synthetic_batches(specs, n, bs, dims, seed=seed)
 
     stateful = isinstance(source, OnnxSource) and is_stateful(specs)
     evaluation = load(cfg.evaluation, "eval", 0)
@@ -159,6 +187,7 @@ class Runner:
         self.variants: list[Variant] = []
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []  # run-level: said once on the log, kept in the report
+        self.dims: dict[str, int] = {}  # symbolic input dims settled (deployopt.images)
 
     # ---------------------------------------------------------------- public
 
@@ -176,6 +205,7 @@ class Runner:
             "task": self.source.meta.task,
             "lineage": list(getattr(self.source.meta, "lineage", []) or []),
             "warnings": self.warnings,
+            "input_dims": dict(self.dims),  # symbolic dims settled for this run (images.py)
         }
         if not base.ok:
             self._finish()
@@ -291,8 +321,9 @@ class Runner:
         else:
             assert isinstance(src, OnnxSource)
             specs = unknown_zero_specs(specs_from_onnx(src.path))
+            self.dims = self._image_dims(specs)
             # declared sizes are checked against the memory budget inside build_data
-            evaluation, calibration, desc = build_data(src, specs, self.cfg, self.warn)
+            evaluation, calibration, desc = build_data(src, specs, self.cfg, self.warn, self.dims)
             check_graph_sizes(src.path)  # a ConstantOfShape of 2**40: refused before any run
             self._evaluation = evaluation
             # v2: the working copy reads dims written as 0 as unknown (deployopt.feeds)
@@ -314,6 +345,22 @@ class Runner:
             self._reference = self._probe(v, evaluation, desc.get("eval", ""))
         self._record(v)
         return v, evaluation, calibration, desc
+
+    def _image_dims(self, specs: list[InputSpec]) -> dict[str, int]:
+        """The symbolic dims of an ONNX input: those ``--input-shape`` settles, then an image
+        input's height and width probed at the sizes it can run (deployopt.images)."""
+        from deployopt import images
+
+        src = self.source
+        dims = images.dims_from_shapes(specs, src.input_shapes, src.path)
+        if is_stateful(specs):
+            return dims
+        dims, note = images.resolve_dims(
+            src.path, specs, dims, self.cfg.threads, self.cfg.worker_timeout_s
+        )
+        if note:
+            self.log(f"input: {note}")
+        return dims
 
     def _probe(self, v: Variant, evaluation: list[Batch], data: str) -> list:
         """The input model's outputs on ``evaluation``, from a worker that loads and runs it

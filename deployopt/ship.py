@@ -43,22 +43,29 @@ def constraints_of(cfg: OptimizeConfig) -> Constraints:
     )
 
 
-def spec_of(cfg: OptimizeConfig, batch: int) -> BenchSpec:
+def _dims(result: OptimizeResult) -> tuple[tuple[str, int], ...]:
+    """The symbolic dims the run settled (an image's height and width), for the benchmark."""
+    return tuple(sorted((result.meta.get("input_dims") or {}).items()))
+
+
+def spec_of(result: OptimizeResult, cfg: OptimizeConfig, batch: int) -> BenchSpec:
     return BenchSpec(
         batch=batch,
         seq=cfg.bench_seq,
+        dims=_dims(result),
         min_samples=cfg.bench_min_samples,
         min_seconds=cfg.bench_min_seconds,
         rounds=cfg.bench_rounds,
     )
 
 
-def short_spec(cfg: OptimizeConfig, batch: int) -> BenchSpec:
+def short_spec(result: OptimizeResult, cfg: OptimizeConfig, batch: int) -> BenchSpec:
     """A third of the full measurement in as many rounds, for screening and the session
     search (whose decisions use per-round ratios)."""
     return BenchSpec(
         batch=batch,
         seq=cfg.bench_seq,
+        dims=_dims(result),
         min_samples=max(5, cfg.bench_min_samples // 3),
         min_seconds=cfg.bench_min_seconds / 3,
         rounds=cfg.bench_rounds,
@@ -83,7 +90,7 @@ def bench_variants(
     for batch in cfg.bench_batches:
         log(f"bench: {len(models)} variants on {target.describe()}, batch {batch}")
         res = bench_models(
-            models, target, spec_of(cfg, batch), log=log, timeout_s=cfg.worker_timeout_s
+            models, target, spec_of(result, cfg, batch), log=log, timeout_s=cfg.worker_timeout_s
         )
         for name, r in res.items():
             per_variant[name].append(r)
@@ -199,7 +206,7 @@ def screen(
     res = bench_models(
         {v.name: str(v.path) for v in ok},
         target,
-        short_spec(cfg, cfg.bench_batches[0]),
+        short_spec(result, cfg, cfg.bench_batches[0]),
         log=log,
         timeout_s=cfg.worker_timeout_s,
     )
@@ -261,7 +268,7 @@ def tune_sessions(
     found = search_sessions(
         paths,
         target,
-        short_spec(cfg, cfg.bench_batches[0]),
+        short_spec(result, cfg, cfg.bench_batches[0]),
         detect_cpu().cores,
         cfg.search,
         layernorm,
@@ -276,7 +283,7 @@ def tune_sessions(
     res = bench_models(
         {k: paths[m] for k, m in final.items()},
         target,
-        spec_of(cfg, cfg.bench_batches[0]),
+        spec_of(result, cfg, cfg.bench_batches[0]),
         log=log,
         timeout_s=cfg.worker_timeout_s,
         targets=targets,
@@ -374,7 +381,7 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         config=cfg.model_dump(mode="json"),
         environment=fingerprint(target),
         target=target.model_dump() if target else None,
-        bench_spec=asdict(spec_of(cfg, cfg.bench_batches[0])) if target else None,
+        bench_spec=asdict(spec_of(result, cfg, cfg.bench_batches[0])) if target else None,
         constraints=asdict(constraints) if target else None,
         data=result.meta.get("data", {}),
         variants=[

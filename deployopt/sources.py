@@ -73,6 +73,8 @@ class OnnxSource:
     meta: ModelMeta
     content_hash: str
     tokenizer: Any = None
+    # --input-shape NAME=DIMS: the symbolic dims they settle (deployopt.images.dims_from_shapes)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 Source = TorchSource | OnnxSource
@@ -106,13 +108,13 @@ def load_source(
                 return module_folder_source(p, input_shapes)
             onnx_files = sorted(p.glob("*.onnx"))
             if len(onnx_files) == 1:
-                return onnx_source(onnx_files[0])
+                return onnx_source(onnx_files[0], input_shapes)
             raise InputModelError(
                 f"{p}: folder has no config.json (not a Hugging Face model folder)",
                 hint="point at the folder holding config.json and the weights, or at an .onnx file",
             )
         if p.suffix.lower() == ".onnx" or p.suffix == "":
-            return onnx_source(p)
+            return onnx_source(p, input_shapes)
         raise InputModelError(
             f"{p}: unsupported model file type {p.suffix!r}",
             hint="give an .onnx file, a Hugging Face folder, or pkg.module:factory "
@@ -694,7 +696,7 @@ def read_onnx(path: Path):
     return model
 
 
-def onnx_source(path: Path) -> OnnxSource:
+def onnx_source(path: Path, input_shapes=None) -> OnnxSource:
     model = read_onnx(path)
     externals = check_external_data(model, path.parent, path)
     h = hashlib.sha256()
@@ -726,5 +728,10 @@ def onnx_source(path: Path) -> OnnxSource:
             if len(o.type.tensor_type.shape.dim) == 2 and o.name in ("logits", "output")
         )
     return OnnxSource(
-        label=str(path), path=path, meta=meta, content_hash=h.hexdigest(), tokenizer=tokenizer
+        label=str(path),
+        path=path,
+        meta=meta,
+        content_hash=h.hexdigest(),
+        tokenizer=tokenizer,
+        input_shapes=dict(input_shapes or {}),
     )

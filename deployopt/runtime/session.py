@@ -309,6 +309,30 @@ def explain_ort_error(msg: str, limit: int = 240) -> str:
     return line
 
 
+def first_runnable(
+    path: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None
+) -> tuple[str, int | None, list[str]]:
+    """Load ``path`` once and run each feed until one runs: ``("ok", index, reasons)`` with
+    the one-line reasons of the feeds before it, ``("none", None, reasons)`` when none ran, or
+    ``("load", None, [reason])``. The unit of work of the image-size probe (deployopt.images),
+    run in a worker process."""
+    rt = ort()
+    so = session_options(threads, log_severity=4)
+    try:
+        sess = rt.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        return "load", None, [explain_ort_error(str(e))]
+    wanted = {i.name for i in sess.get_inputs()}
+    reasons: list[str] = []
+    for i, feed in enumerate(feeds):
+        try:
+            sess.run(None, {k: v for k, v in feed.items() if k in wanted})
+            return "ok", i, reasons
+        except Exception as e:  # noqa: BLE001 - a run failure is the answer
+            reasons.append(explain_ort_error(str(e)))
+    return "none", None, reasons
+
+
 def probe_model(
     path: Path, batches: Sequence[dict[str, np.ndarray]], threads: int | None = None
 ) -> tuple[str, object]:
