@@ -16,6 +16,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet -e ".[cpu,models,dev]"
+	# third-party OCR models for the robustness tests; --no-deps keeps opencv and its GUI out
+	$(BIN)/pip install --quiet --no-deps "rapidocr-onnxruntime>=1.3"
 	touch $(STAMP)
 
 demo: $(STAMP)

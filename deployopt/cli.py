@@ -1017,14 +1017,20 @@ def distill(
         str | None,
         typer.Option(
             help="Losses with weights: embedding (MSE), cosine (1 - cos), kd, ce, hidden, "
-            "attention (e.g. embedding,hidden:0.5). Default: embedding for sentence encoders, kd for classifiers."
+            "attention (e.g. embedding,hidden:0.5). Default: cosine,hidden for sentence encoders "
+            "(hidden alone for a narrower student), kd for classifiers."
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
     batch_size: Annotated[
         int, typer.Option(help="Examples per step (per process under torchrun).")
     ] = 32,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="AdamW learning rate. Default: 5e-4 for sentence encoders, 5e-5 for classifiers."
+        ),
+    ] = None,
     weight_decay: Annotated[
         float, typer.Option(help="AdamW weight decay (not on biases and norms).")
     ] = 0.01,
@@ -1049,6 +1055,14 @@ def distill(
         int | None, typer.Option(help="Use at most this many training examples.")
     ] = None,
     max_length: Annotated[int, typer.Option(help="Token limit for text.")] = 128,
+    windows: Annotated[
+        bool,
+        typer.Option(
+            "--windows/--no-windows",
+            help="Sentence encoders: a text longer than --max-length trains as several "
+            "windows, so all of it teaches the student (--no-windows: its first window only).",
+        ),
+    ] = True,
     input_shape: Annotated[
         list[str] | None,
         typer.Option("--input-shape", help="NAME=DIMS for a factory teacher, e.g. x=1x1x28x28."),
@@ -1089,7 +1103,7 @@ def distill(
         teacher, data, out, student_layers=student_layers, student=student, student_size=size,
         losses=loss, eval_data=eval_data, labels_column=labels_column, text_column=text_column,
         input_shape=parse_shape_overrides(input_shape or []), max_examples=max_examples,
-        max_length=max_length, temperature=temperature, alpha=alpha, train=cfg,
+        max_length=max_length, windows=windows, temperature=temperature, alpha=alpha, train=cfg,
         log=(lambda m: err_console.print(f"  {m}", highlight=False)) if rank == 0 else (lambda m: None),
     )  # fmt: skip
     if rank != 0:
@@ -1229,7 +1243,13 @@ def prune(
             "--kd/--no-kd", help="Recover with knowledge distillation from the unpruned model."
         ),
     ] = True,
-    lr: Annotated[float, typer.Option(help="Recovery learning rate (AdamW).")] = 5e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Recovery learning rate (AdamW). Default: 5e-4 for sentence encoders, 5e-5 "
+            "for classifiers."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Recovery examples per step.")] = 32,
     max_length: Annotated[int, typer.Option(help="Token limit for text.")] = 128,
     input_shape: Annotated[

@@ -33,6 +33,14 @@ def outer_reads(graph) -> set[str]:
     return reads - defined
 
 
+def all_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs, outer ones first."""
+    for node in graph.node:
+        yield node
+        for g in _subgraphs(node):
+            yield from all_nodes(g)
+
+
 def has_control_flow(graph) -> bool:
     return any(True for n in graph.node for _ in _subgraphs(n))
 

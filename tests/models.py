@@ -76,6 +76,14 @@ def cnn() -> nn.Module:
     return ConvBnRelu()
 
 
+def conv_only() -> nn.Module:
+    """Convolutions and activations alone (a segmentation head's shape): no MatMul or Gemm."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1), nn.Sigmoid()
+    ).eval()
+
+
 class ResidualNet(nn.Module):
     """Residual additions, BatchNorm, a grouped and a depthwise convolution: channel pruning
     must keep all of them consistent."""
@@ -155,6 +163,14 @@ def optimize_only(*args, **kwargs):
     import deployopt
 
     return deployopt.optimize(*args, bench=False, **kwargs)
+
+
+def run_onnx(path, feeds) -> list:
+    """Outputs of an ONNX file on onnxruntime's CPU provider (the test's reference runner)."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
 
 
 def tiny_onnx_model():

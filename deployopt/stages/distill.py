@@ -25,10 +25,12 @@ from deployopt.errors import ConfigError, DataError
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
-from deployopt.torchside.train import TrainConfig, Trainer, dist_info
+from deployopt.torchside.train import TrainConfig, Trainer, default_lr, dist_info
 from deployopt.workspace import write_json
 
 LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
+# Sentence encoders, measured by benchmarks/defaults_minilm.py (see the README's table).
+SENTENCE_LOSSES = "cosine,hidden"
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -93,6 +95,7 @@ def distill(
     input_shape: dict[str, Sequence[int]] | None = None,
     max_examples: int | None = None,
     max_length: int = 128,
+    windows: bool = True,
     temperature: float = 4.0,
     alpha: float = 0.9,
     train: TrainConfig | None = None,
@@ -130,13 +133,14 @@ def distill(
     if isinstance(dataset, TextData) and src.meta.task == "feature-extraction":
         task, loss_w, extra = embedding_task(
             t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg,
-            progress,
+            progress, windows,
         )  # fmt: skip
     else:
         task, loss_w, extra = classifier_task(
             t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
             temperature, alpha, progress,
         )  # fmt: skip
+    cfg = default_lr(cfg, isinstance(task, EmbeddingTask))
     log(
         f"distill: teacher {_params(t_model) / 1e6:.2f}M params -> student "
         f"{_params(s_model) / 1e6:.2f}M ({how}); losses {loss_w}; {task_size(task)} examples"
@@ -200,7 +204,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def task_size(task) -> int:
-    return task.n if isinstance(task, ClassifierTask) else len(task.texts)
+    return task.n
 
 
 def _head(d, n):
@@ -235,10 +239,31 @@ def _student(t_model, src, layers, student, size) -> tuple[nn.Module, str]:
     return st.select_layers(t_model, keep), f"teacher layers {keep} of {total}"
 
 
+def block_ends(kept: Sequence[int] | None, n_student: int, n_teacher: int) -> list[int]:
+    """The teacher layer whose output each student layer learns to reproduce.
+
+    A student made of kept teacher layers stands in for the whole teacher: kept layer ``k`` takes
+    over the block of teacher layers up to the next kept one, so it learns the output at that
+    block's end, and the last student layer the teacher's last layer (whose output is the
+    embedding). Mapping a kept layer to its own old output instead would pull the last student
+    layer towards layer 4's output while the embedding loss pulls it towards layer 5's.
+
+    >>> block_ends([0, 2, 4], 3, 6), block_ends(None, 3, 12)
+    ([1, 3, 5], [3, 7, 11])
+    """
+    if kept:
+        return [nxt - 1 for nxt in [*kept[1:], n_teacher]]
+    return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+
+
 def embedding_task(
-    t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg, progress=False
-):
-    loss_w = parse_losses(losses or "embedding")
+    t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg, progress=False,
+    windows=True,
+):  # fmt: skip
+    t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
+    # the pooled-embedding losses need the teacher's width: a narrower student learns the hidden
+    # states through a projection when the user named no loss
+    loss_w = parse_losses(losses or (SENTENCE_LOSSES if t_dim == s_dim else "hidden"))
     if "kd" in loss_w or "ce" in loss_w:
         raise ConfigError("a sentence encoder has no logits: use embedding, hidden, attention")
     texts = list(data.texts)
@@ -247,7 +272,6 @@ def embedding_task(
     else:
         tr, ev = _split(len(texts), frac, cfg.seed)
         train_texts, eval_texts = [texts[i] for i in tr], [texts[i] for i in ev]
-    t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
     if ("embedding" in loss_w or "cosine" in loss_w) and t_dim != s_dim:
         raise ConfigError(
             f"embedding distillation needs the teacher's width ({t_dim}), the student has {s_dim}",
@@ -257,14 +281,13 @@ def embedding_task(
     if "hidden" in loss_w or "attention" in loss_w:
         n_s, n_t = st.num_layers(s_model), st.num_layers(t_model)
         kept = [int(x) for x in how.split("[")[1].split("]")[0].split(",")] if "[" in how else None
-        t_layers = kept or [round((i + 1) * n_t / n_s) - 1 for i in range(n_s)]
-        layer_map = list(zip(range(n_s), t_layers))
+        layer_map = list(zip(range(n_s), block_ends(kept, n_s, n_t)))
     projs = None
     if "hidden" in loss_w:
         projs = projections_for(layer_map, s_dim, t_dim)
     task = EmbeddingTask(
         t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
-        projections=projs, progress=progress,
+        projections=projs, progress=progress, windows=windows,
     )  # fmt: skip
     return task, loss_w, [projs] if projs is not None else []
 

@@ -19,7 +19,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from deployopt.stages.distill import (
 from deployopt.torchside import pruning as pr
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
-from deployopt.torchside.tasks import mean_pool
-from deployopt.torchside.train import TrainConfig, Trainer
+from deployopt.torchside.tasks import EmbeddingTask, mean_pool
+from deployopt.torchside.train import TrainConfig, Trainer, default_lr
 from deployopt.workspace import TMP_PREFIX, write_json
 
 DENSE_NOTE = (
@@ -121,7 +121,7 @@ def prune(
 
     t0 = time.perf_counter()
     out = Path(out)
-    cfg = train or TrainConfig(epochs=max(1, recover_epochs), lr=5e-5)
+    cfg = train or TrainConfig(epochs=max(1, recover_epochs))
     _check_args(heads, ffn, channels, unstructured, target_params, steps, recover_epochs, data)
     if target_latency is not None:
         pr.check_ratio(target_latency, "target-latency")
@@ -169,6 +169,7 @@ def prune(
     history: list[dict] = []
     metrics: dict[str, dict] = {}
     task = _task(job, recover_kd, cfg, progress) if dataset is not None else None
+    cfg = default_lr(cfg, isinstance(task, EmbeddingTask))
     if task is not None:
         metrics["original"] = task.evaluate(job.original)
     work = out.parent / (TMP_PREFIX + out.name + ".work")
@@ -487,7 +488,7 @@ def _task(job: _Job, kd: bool, cfg: TrainConfig, progress: bool = False):
         if not kd:
             raise ConfigError("a sentence encoder recovers only by distillation (drop --no-kd)")
         task, _, _ = embedding_task(
-            job.original, job.model, job.src, d, None, "embedding", "", job.max_length, 0.1, cfg,
+            job.original, job.model, job.src, d, None, None, "", job.max_length, 0.1, cfg,
             progress,
         )  # fmt: skip
         return task
@@ -501,7 +502,7 @@ def _task(job: _Job, kd: bool, cfg: TrainConfig, progress: bool = False):
 
 
 def _recover(job, task, cfg, epochs, work, log, progress) -> list[dict]:
-    c = TrainConfig(**{**cfg.__dict__, "epochs": epochs})
+    c = replace(cfg, epochs=epochs)
     for p in job.model.parameters():
         p.requires_grad_(True)
     job.model.train()

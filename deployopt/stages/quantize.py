@@ -65,7 +65,14 @@ class DynamicQuantStage:
         return self.recipe.params()
 
     def skip_reason(self, src: Path, ctx: Context) -> str | None:
-        return None
+        ops = self.recipe.op_types
+        if weighted_nodes(src, ops):
+            return None
+        # a variant identical to its parent would be listed as an int8 model that is not one
+        return (
+            f"nothing to quantize: no {', '.join(ops)} node with a constant weight (dynamic int8 "
+            "covers those; a convolutional model is quantized by int8-static with --calibration)"
+        )
 
     def apply(self, src: Path, out_dir: Path, ctx: Context) -> StageOutput:
         import onnx
@@ -214,6 +221,20 @@ def _fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool, wty
     scale = np.where(hi == lo, 1.0, (hi - lo) / levels)
     zp = np.round(-lo / scale)
     return (np.clip(np.round(w / scale) + zp, 0, levels) - zp) * scale
+
+
+def weighted_nodes(path: Path, op_types: tuple[str, ...]) -> int:
+    """Nodes of ``op_types`` (subgraphs included) with an initializer among their inputs."""
+    import onnx
+
+    from deployopt.graphs import all_nodes
+
+    m = onnx.load(str(path), load_external_data=False)
+    consts = {i.name for i in m.graph.initializer}
+    consts |= {o for n in all_nodes(m.graph) if n.op_type == "Constant" for o in n.output}
+    return sum(
+        1 for n in all_nodes(m.graph) if n.op_type in op_types and consts.intersection(n.input)
+    )
 
 
 def _count_quantized(path: Path) -> int:

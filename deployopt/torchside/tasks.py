@@ -104,12 +104,19 @@ class ClassifierTask:
         return {"score": acc, "accuracy": acc}
 
 
+MIN_WINDOW = 16  # tokens: a shorter trailing window of a long text is not trained on
+
+
 @dataclass
 class EmbeddingTask:
     """Sentence-embedding distillation on unlabelled text: pooled-embedding loss (``embedding``:
     MSE; ``cosine``: 1 - cosine), optionally hidden-state MSE and attention KL on a layer
     mapping. Scored by the mean cosine between student and teacher embeddings on held-out
-    text."""
+    text, each text cut at ``max_length`` tokens as the model is used.
+
+    ``windows``: a training text longer than ``max_length`` tokens gives one example per
+    ``max_length`` window, so all of it teaches the student, not only its first window (on 20
+    Newsgroups posts: 2.8 examples a text; a trailing window under 16 tokens is dropped)."""
 
     teacher: nn.Module
     tokenizer: object
@@ -121,23 +128,38 @@ class EmbeddingTask:
     embedding_kind: str = "mse"
     projections: nn.ModuleList | None = None
     progress: bool = False
+    windows: bool = False
 
     def __post_init__(self):
         self.teacher.eval()
-        self.enc = self._encode(self.texts)
+        self.enc = self._encode(self.texts, self.windows)
         self.eval_enc = self._encode(self.eval_texts)
         desc = "teacher outputs" if self.progress else None
         self.cache = _in_chunks(
-            lambda i: self._embed(self.teacher, self.enc, i), len(self.texts), desc=desc
+            lambda i: self._embed(self.teacher, self.enc, i), len(self.enc), desc=desc
         )
         self.eval_cache = _in_chunks(
             lambda i: self._embed(self.teacher, self.eval_enc, i), len(self.eval_texts), desc=desc
         )
 
-    def _encode(self, texts):
-        return self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, padding=False
-        )["input_ids"]
+    @property
+    def n(self) -> int:
+        """Training examples (windows of the texts when ``windows``)."""
+        return len(self.enc)
+
+    def _encode(self, texts, windows: bool = False):
+        if not windows:
+            return self.tokenizer(
+                list(texts), truncation=True, max_length=self.max_length, padding=False
+            )["input_ids"]
+        enc = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=False,
+            return_overflowing_tokens=True,
+        )  # fmt: skip
+        ids, owner = enc["input_ids"], enc["overflow_to_sample_mapping"]
+        # a short tail window says little; every text keeps its first window
+        first = [k == 0 or owner[k - 1] != owner[k] for k in range(len(ids))]
+        return [x for x, f in zip(ids, first) if f or len(x) >= MIN_WINDOW]
 
     def _batch(self, enc, idx):
         feats = [{"input_ids": enc[int(i)]} for i in idx]
@@ -155,9 +177,11 @@ class EmbeddingTask:
         out = model(**b, output_hidden_states=bool(need_h), output_attentions=bool(need_a))
         mask = b["attention_mask"]
         emb = mean_pool(out.last_hidden_state, mask)
-        total = self.losses.get("embedding", 0.0) * embedding_loss(
-            emb, self.cache[idx], self.embedding_kind
-        )
+        total = emb.new_zeros(())
+        if "embedding" in self.losses:
+            total = total + self.losses["embedding"] * embedding_loss(
+                emb, self.cache[idx], self.embedding_kind
+            )
         if "cosine" in self.losses:  # 1 - cosine: the direction alone, what retrieval uses
             total = total + self.losses["cosine"] * embedding_loss(emb, self.cache[idx], "cosine")
         if need_h or need_a:
@@ -179,6 +203,11 @@ class EmbeddingTask:
 
     def evaluate(self, model: nn.Module) -> dict:
         emb = _in_chunks(lambda i: self._embed(model, self.eval_enc, i), len(self.eval_texts))
+        if emb.shape[-1] != self.eval_cache.shape[-1] and self.projections is not None:
+            # a narrower student is scored through its last layer's learned projection (the
+            # pooled projection: the projection is linear, so it commutes with mean pooling)
+            with torch.no_grad():
+                emb = self.projections[-1](emb)
         cos = nn.functional.cosine_similarity(emb, self.eval_cache, dim=-1)
         return {"score": float(cos.mean()), "mean_cosine": float(cos.mean())}
 

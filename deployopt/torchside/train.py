@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,13 +32,28 @@ from deployopt.workspace import TMP_PREFIX, normal_permissions
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 5e-5
+    lr: float | None = None  # None: the task's default (see default_lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     patience: int = 2  # epochs without a better eval score before stopping
     seed: int = 0
     checkpoint_every: int = 100  # steps
+
+
+# Learning rates when none is given. A sentence encoder learns pooled embeddings and hidden
+# states (dense targets; 5e-4 measured best of 2e-4/5e-4 by benchmarks/defaults_minilm.py);
+# a classifier's soft labels carry less signal per example and its fine-tuning convention is
+# 5e-5.
+SENTENCE_LR = 5e-4
+CLASSIFIER_LR = 5e-5
+
+
+def default_lr(cfg: TrainConfig, sentence_encoder: bool) -> TrainConfig:
+    """``cfg`` with its learning rate filled in for the task when the caller left it None."""
+    if cfg.lr is not None:
+        return cfg
+    return replace(cfg, lr=SENTENCE_LR if sentence_encoder else CLASSIFIER_LR)
 
 
 @dataclass
@@ -175,6 +190,8 @@ class Trainer:
         params += [p for p in self.extra.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # biases and norms: no weight decay
+        if cfg.lr is None:
+            raise ValueError("TrainConfig.lr is None: resolve it with default_lr() first")
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
