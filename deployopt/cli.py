@@ -1023,8 +1023,12 @@ def distill(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
     batch_size: Annotated[
-        int, typer.Option(help="Examples per step (per process under torchrun).")
-    ] = 32,
+        int | None,
+        typer.Option(
+            help="Examples per step (per process under torchrun). Default: 8 for sentence "
+            "encoders (more steps on a small corpus), 32 for classifiers."
+        ),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -1063,6 +1067,13 @@ def distill(
             "windows, so all of it teaches the student (--no-windows: its first window only).",
         ),
     ] = True,
+    freeze_embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-embeddings/--train-embeddings",
+            help="Transformers: keep the token-embedding table as the teacher's.",
+        ),
+    ] = False,
     input_shape: Annotated[
         list[str] | None,
         typer.Option("--input-shape", help="NAME=DIMS for a factory teacher, e.g. x=1x1x28x28."),
@@ -1103,7 +1114,7 @@ def distill(
         teacher, data, out, student_layers=student_layers, student=student, student_size=size,
         losses=loss, eval_data=eval_data, labels_column=labels_column, text_column=text_column,
         input_shape=parse_shape_overrides(input_shape or []), max_examples=max_examples,
-        max_length=max_length, windows=windows, temperature=temperature, alpha=alpha, train=cfg,
+        max_length=max_length, windows=windows, freeze_embeddings=freeze_embeddings, temperature=temperature, alpha=alpha, train=cfg,
         log=(lambda m: err_console.print(f"  {m}", highlight=False)) if rank == 0 else (lambda m: None),
     )  # fmt: skip
     if rank != 0:
@@ -1250,7 +1261,9 @@ def prune(
             "for classifiers."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Recovery examples per step.")] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Recovery examples per step. Default: 32.")
+    ] = None,
     max_length: Annotated[int, typer.Option(help="Token limit for text.")] = 128,
     input_shape: Annotated[
         list[str] | None,

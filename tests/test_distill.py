@@ -414,18 +414,38 @@ def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir
     assert windowed.cache.shape[0] == windowed.n
 
 
-def test_learning_rate_defaults_follow_the_task(tiny_bert_dir, tmp_path):
+def test_learning_rate_and_batch_defaults_follow_the_task(tiny_bert_dir, tmp_path):
     from deployopt.stages.distill import distill
-    from deployopt.torchside.train import CLASSIFIER_LR, SENTENCE_LR, default_lr
+    from deployopt.torchside.train import (
+        BATCH,
+        CLASSIFIER_LR,
+        SENTENCE_BATCH,
+        SENTENCE_LR,
+        task_defaults,
+    )
     from tests.models import WORDS
 
-    assert default_lr(TrainConfig(), True).lr == SENTENCE_LR
-    assert default_lr(TrainConfig(), False).lr == CLASSIFIER_LR
-    assert default_lr(TrainConfig(lr=0.1), True).lr == 0.1  # a given rate is kept
+    c = task_defaults(TrainConfig(), True)
+    assert (c.lr, c.batch_size) == (SENTENCE_LR, SENTENCE_BATCH)
+    c = task_defaults(TrainConfig(), False)
+    assert (c.lr, c.batch_size) == (CLASSIFIER_LR, BATCH)
+    assert task_defaults(TrainConfig(), True, recovery=True).batch_size == BATCH
+    c = task_defaults(TrainConfig(lr=0.1, batch_size=3), True)
+    assert (c.lr, c.batch_size) == (0.1, 3)  # what the caller gave is kept
     data = tmp_path / "t.txt"
     data.write_text("\n".join(" ".join(WORDS[i : i + 6]) for i in range(40)))
-    cfg = TrainConfig(epochs=1, batch_size=8, seed=0)
-    res = distill(tiny_bert_dir, data, tmp_path / "o", student_layers="1", train=cfg,
-                  progress=False, log=lambda s: None)  # fmt: skip
+    res = distill(tiny_bert_dir, data, tmp_path / "o", student_layers="1",
+                  train=TrainConfig(epochs=1, seed=0), progress=False, log=lambda s: None)  # fmt: skip
     rep = json.loads(res.report.read_text())
-    assert rep["train"]["lr"] == SENTENCE_LR and rep["losses"] == {"cosine": 1.0, "hidden": 1.0}
+    assert rep["train"]["lr"] == SENTENCE_LR and rep["train"]["batch_size"] == SENTENCE_BATCH
+    assert rep["losses"] == {"cosine": 1.0, "hidden": 1.0}
+
+
+def test_small_corpus_warning_says_what_to_expect():
+    from deployopt.stages.distill import SMALL_CORPUS_PASSES, small_corpus_note
+
+    note = small_corpus_note(2_700, 2, sentence_encoder=True)
+    assert note and "2,700 training examples x 2 epoch(s)" in note and "held-out cosine" in note
+    assert "more in-domain data" in note
+    assert "trail the teacher" in small_corpus_note(500, 3, sentence_encoder=False)
+    assert small_corpus_note(SMALL_CORPUS_PASSES, 1, sentence_encoder=True) is None

@@ -25,7 +25,7 @@ from deployopt.errors import ConfigError, DataError
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
-from deployopt.torchside.train import TrainConfig, Trainer, default_lr, dist_info
+from deployopt.torchside.train import TrainConfig, Trainer, task_defaults, dist_info
 from deployopt.workspace import write_json
 
 LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
@@ -96,6 +96,7 @@ def distill(
     max_examples: int | None = None,
     max_length: int = 128,
     windows: bool = True,
+    freeze_embeddings: bool = False,
     temperature: float = 4.0,
     alpha: float = 0.9,
     train: TrainConfig | None = None,
@@ -125,6 +126,7 @@ def distill(
     s_model.train()
     for p in s_model.parameters():
         p.requires_grad_(True)
+    frozen = freeze_embeddings and _freeze_token_embeddings(s_model)
     dataset = load_data(data, labels_column, text_column)
     if max_examples:
         dataset = _head(dataset, max_examples)
@@ -140,11 +142,14 @@ def distill(
             t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
             temperature, alpha, progress,
         )  # fmt: skip
-    cfg = default_lr(cfg, isinstance(task, EmbeddingTask))
+    cfg = task_defaults(cfg, isinstance(task, EmbeddingTask))
     log(
         f"distill: teacher {_params(t_model) / 1e6:.2f}M params -> student "
         f"{_params(s_model) / 1e6:.2f}M ({how}); losses {loss_w}; {task_size(task)} examples"
     )
+    note = small_corpus_note(task_size(task), cfg.epochs, isinstance(task, EmbeddingTask))
+    if note:
+        log(f"warning: {note}")
     teacher_metrics = task.evaluate(t_model)
     t0 = time.perf_counter()
     trainer = Trainer(
@@ -172,6 +177,8 @@ def distill(
                 "teacher": {"source": src.label, **result.teacher},
                 "student": {"how": how, **result.student},
                 "losses": loss_w,
+                "frozen_token_embeddings": bool(frozen),
+                "examples": task_size(task),
                 "data": getattr(dataset, "source", str(data)),
                 "train": cfg.__dict__,
                 "temperature": temperature,
@@ -237,6 +244,44 @@ def _student(t_model, src, layers, student, size) -> tuple[nn.Module, str]:
         else st.every_kth(total, max(1, total // 2))
     )
     return st.select_layers(t_model, keep), f"teacher layers {keep} of {total}"
+
+
+# Example passes (examples x epochs) under which a student stays well short of its teacher.
+# Measured by benchmarks/defaults_minilm.py (AMD EPYC, 2 cores): all-MiniLM-L6-v2 -> teacher
+# layers 0,2,4 on 3,000 20 Newsgroups posts (7,400 windows of 128 tokens) x 2 epochs reached a
+# held-out cosine of SMALL_CORPUS_COSINE with the defaults; the 12,000-text, 3-epoch run of
+# benchmarks/distill_minilm.py reached 0.91.
+SMALL_CORPUS_PASSES = 20_000
+SMALL_CORPUS_COSINE = 0.8
+
+
+def small_corpus_note(examples: int, epochs: int, sentence_encoder: bool) -> str | None:
+    """What to expect when the data is small for distillation, or None."""
+    passes = examples * epochs
+    if passes >= SMALL_CORPUS_PASSES:
+        return None
+    expect = (
+        f"a 3-of-6-layer MiniLM student reached a held-out cosine of about "
+        f"{SMALL_CORPUS_COSINE} to its teacher on 3,000 texts x 2 epochs"
+        if sentence_encoder
+        else "the student will trail the teacher by more than with a larger corpus"
+    )
+    return (
+        f"{examples:,} training examples x {epochs} epoch(s) is a small budget for distillation: "
+        f"{expect}; more in-domain data (unlabelled text is enough for sentence encoders) or "
+        "more epochs bring the student closer"
+    )
+
+
+def _freeze_token_embeddings(model: nn.Module) -> bool:
+    """Keep a transformer's token-embedding table as it is (most of a small BERT's weights:
+    11.7M of a 3-layer MiniLM student's 17.4M); True when there was one to freeze."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    if not isinstance(emb, nn.Embedding):
+        return False
+    emb.weight.requires_grad_(False)
+    return True
 
 
 def block_ends(kept: Sequence[int] | None, n_student: int, n_teacher: int) -> list[int]:

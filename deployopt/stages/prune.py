@@ -39,7 +39,7 @@ from deployopt.torchside import pruning as pr
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import EmbeddingTask, mean_pool
-from deployopt.torchside.train import TrainConfig, Trainer, default_lr
+from deployopt.torchside.train import TrainConfig, Trainer, task_defaults
 from deployopt.workspace import TMP_PREFIX, write_json
 
 DENSE_NOTE = (
@@ -169,7 +169,7 @@ def prune(
     history: list[dict] = []
     metrics: dict[str, dict] = {}
     task = _task(job, recover_kd, cfg, progress) if dataset is not None else None
-    cfg = default_lr(cfg, isinstance(task, EmbeddingTask))
+    cfg = task_defaults(cfg, isinstance(task, EmbeddingTask), recovery=True)
     if task is not None:
         metrics["original"] = task.evaluate(job.original)
     work = out.parent / (TMP_PREFIX + out.name + ".work")

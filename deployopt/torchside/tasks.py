@@ -154,7 +154,7 @@ class EmbeddingTask:
             )["input_ids"]
         enc = self.tokenizer(
             list(texts), truncation=True, max_length=self.max_length, padding=False,
-            return_overflowing_tokens=True,
+            return_overflowing_tokens=True, stride=self.max_length // 2,
         )  # fmt: skip
         ids, owner = enc["input_ids"], enc["overflow_to_sample_mapping"]
         # a short tail window says little; every text keeps its first window
