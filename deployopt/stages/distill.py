@@ -25,7 +25,7 @@ from deployopt.errors import ConfigError, DataError
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
-from deployopt.torchside.train import TrainConfig, Trainer, task_defaults, dist_info
+from deployopt.torchside.train import TrainConfig, Trainer, dist_info, task_defaults
 from deployopt.workspace import write_json
 
 LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
