@@ -33,11 +33,14 @@ MODELS = {  # name: (file in rapidocr_onnxruntime/models, image kind, mean, std)
 
 
 def model_dir() -> Path:
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
+    """The package's models folder, found without importing it (its imports need OpenCV,
+    which --no-deps leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("needs rapidocr-onnxruntime: pip install --no-deps rapidocr-onnxruntime")
-    return Path(rapidocr_onnxruntime.__file__).parent / "models"
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def main() -> int:

@@ -41,6 +41,32 @@ def all_nodes(graph):
             yield from all_nodes(g)
 
 
+def constant_weights_to_initializers(graph, op_types: tuple[str, ...]) -> int:
+    """Turn the ``Constant`` nodes that feed a weight input (input 1) of ``op_types`` nodes into
+    initializers; returns how many moved. onnxruntime's quantizer finds weights among the
+    initializers only, so a graph exported with its weights as Constant nodes (PaddleOCR's
+    models) would keep every such weight in fp32. The values are copied exactly."""
+    import onnx
+
+    weights = {n.input[1] for n in graph.node if n.op_type in op_types and len(n.input) > 1}
+    outputs = {o.name for o in graph.output}
+    keep, moved = [], 0
+    for n in graph.node:
+        value = n.attribute[0] if n.op_type == "Constant" and len(n.attribute) == 1 else None
+        if value is not None and value.name == "value" and n.output[0] in weights - outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(value.t)
+            t.name = n.output[0]
+            graph.initializer.append(t)
+            moved += 1
+        else:
+            keep.append(n)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
 def has_control_flow(graph) -> bool:
     return any(True for n in graph.node for _ in _subgraphs(n))
 

@@ -410,6 +410,8 @@ def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir
     assert all(len(x) >= MIN_WINDOW for x in windowed.enc[1:])  # no tiny tail window
     # every token of the long text is in some window (each window adds [CLS] and [SEP])
     assert sum(len(x) - 2 for x in windowed.enc[1:]) >= n_tokens - 2 - MIN_WINDOW
+    # consecutive windows overlap by half (16 tokens of 32), so each token has context
+    assert windowed.enc[2][1:17] == windowed.enc[1][-17:-1]
     assert windowed.eval_enc == plain.eval_enc  # scored as the model is used: first window
     assert windowed.cache.shape[0] == windowed.n
 

@@ -16,10 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def _models() -> Path:
-    ocr = pytest.importorskip(
-        "rapidocr_onnxruntime", reason="make installs rapidocr-onnxruntime --no-deps"
-    )
-    return Path(ocr.__file__).parent / "models"
+    """The package's models folder, found without importing it (its imports need OpenCV,
+    which --no-deps leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("make installs rapidocr-onnxruntime --no-deps")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def _images(tmp_path: Path, kind: str, n: int = 8) -> tuple[Path, Path]:
@@ -35,7 +39,13 @@ def _check_int8(res, stage: str, feeds_from) -> None:
     ok = [v for v in res.variants if v.stage == stage and v.ok]
     assert ok, [(v.name, v.status, v.reason) for v in res.variants]
     v = ok[0]
-    assert v.parity["mean_cosine"] >= 0.99 and v.metrics["quantized_nodes"] > 0
+    assert v.parity["mean_cosine"] >= 0.99
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(v.path)).graph.node]
+    int8_ops = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "QLinearConv",
+                "QLinearMatMul", "DequantizeLinear"}  # fmt: skip
+    assert int8_ops & set(ops), f"{v.name} holds no int8 op: {sorted(set(ops))}"
     fp32 = res.by_name("fp32")
     feeds = feeds_from()
     (ref,) = run_onnx(fp32.path, feeds)[:1]

@@ -93,6 +93,7 @@ class DynamicQuantStage:
                 if n.op_type == "Gemm"
             }
             exclude += [f"{name}_MatMul" for name in exclude if name in gemms]
+        src = weights_as_initializers(src, out_dir)
         if r.split_skip_layernorm:
             from deployopt.stages.fuse import split_skip_layernorm
 
@@ -221,6 +222,40 @@ def _fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool, wty
     scale = np.where(hi == lo, 1.0, (hi - lo) / levels)
     zp = np.round(-lo / scale)
     return (np.clip(np.round(w / scale) + zp, 0, levels) - zp) * scale
+
+
+QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) needs opset 13
+
+
+def weights_as_initializers(src: Path, out_dir: Path) -> Path:
+    """``src``, or a scratch copy in ``out_dir`` (the runner removes it) that the quantizer can
+    work on: Constant-node weights of MatMul/Gemm/Conv made initializers (the quantizer looks
+    for weights there only), and a default-domain opset under 13 converted to 13 (per-channel
+    QDQ weights need it; onnxruntime rejects the quantized model otherwise). Parity against the
+    fp32 model judges the result, conversion included."""
+    import onnx
+
+    from deployopt.graphs import constant_weights_to_initializers
+
+    model = onnx.load(str(src), load_external_data=False)
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    const_weights = any(
+        n.op_type in LINEAR_OPS and n.input[1:2] and n.input[1] in consts for n in model.graph.node
+    )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    old_opset = opset is not None and opset < QDQ_MIN_OPSET
+    if not const_weights and not old_opset:
+        return src
+    model = onnx.load(str(src))
+    if const_weights:
+        constant_weights_to_initializers(model.graph, LINEAR_OPS)
+    if old_opset:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, QDQ_MIN_OPSET)
+    scratch = out_dir / ".weights.onnx"
+    onnx.save_model(model, str(scratch))
+    return scratch
 
 
 def weighted_nodes(path: Path, op_types: tuple[str, ...]) -> int:
@@ -352,6 +387,7 @@ class StaticQuantStage:
     def apply(self, src: Path, out_dir: Path, ctx: Context) -> StageOutput:
         from deployopt.runtime.session import model_outputs
 
+        src = weights_as_initializers(src, out_dir)
         calib, judge = _split(ctx.calibration, self.max_samples)
         calib = uniform_batches(calib)
         ref = ctx.isolated(model_outputs, src, judge, ctx.threads, label=f"{self.label} reference")
