@@ -33,14 +33,12 @@ MODELS = {  # name: (file in rapidocr_onnxruntime/models, image kind, mean, std)
 
 
 def model_dir() -> Path:
-    """The package's models folder, found without importing it (its imports need OpenCV,
-    which --no-deps leaves out)."""
-    import importlib.util
+    from deployopt.demos.text_images import rapidocr_models
 
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
+    folder = rapidocr_models()
+    if folder is None:
         sys.exit("needs rapidocr-onnxruntime: pip install --no-deps rapidocr-onnxruntime")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+    return folder
 
 
 def main() -> int:

@@ -218,3 +218,37 @@ def test_fused_attention_is_quantizable_and_split_layernorm_is_exact(bert_run, t
         str(bert_run.by_name("fp32").path), providers=["CPUExecutionProvider"]
     ).run(None, feeds)
     np.testing.assert_allclose(want, ref, atol=1e-4)  # the mask_index rewrite is exact too
+
+
+def test_constant_weights_and_old_opsets_are_made_quantizable(tmp_path):
+    """PaddleOCR-style graphs keep weights in Constant nodes at opset 12: the quantizer sees
+    only initializers, and per-channel QDQ needs opset 13. The working copy fixes both and
+    computes the same outputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deployopt.stages.quantize import QDQ_MIN_OPSET, weights_as_initializers
+    from tests.models import run_onnx
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+    )  # fmt: skip
+    src = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), src)
+    fixed = weights_as_initializers(src, tmp_path)
+    assert fixed != src and fixed.name.startswith(".")  # a scratch file the runner removes
+    m = onnx.load(str(fixed))
+    assert [i.name for i in m.graph.initializer] == ["w"]
+    assert [n.op_type for n in m.graph.node] == ["Conv"]
+    assert m.opset_import[0].version == QDQ_MIN_OPSET
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run_onnx(fixed, {"x": x})[0], run_onnx(src, {"x": x})[0])
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert weights_as_initializers(fixed, clean) == fixed  # nothing to do: the file as it is

@@ -16,14 +16,12 @@ pytestmark = pytest.mark.slow
 
 
 def _models() -> Path:
-    """The package's models folder, found without importing it (its imports need OpenCV,
-    which --no-deps leaves out)."""
-    import importlib.util
+    from deployopt.demos.text_images import rapidocr_models
 
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
+    folder = rapidocr_models()
+    if folder is None:
         pytest.skip("make installs rapidocr-onnxruntime --no-deps")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+    return folder
 
 
 def _images(tmp_path: Path, kind: str, n: int = 8) -> tuple[Path, Path]:

@@ -19,6 +19,18 @@ WORDS = (
 ).split()
 
 
+def rapidocr_models() -> Path | None:
+    """The models folder of an installed ``rapidocr-onnxruntime`` (PP-OCR detector, recogniser
+    and classifier), found without importing the package (its imports need OpenCV, which
+    ``--no-deps`` leaves out); None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -78,4 +90,4 @@ def write_text_images(
     return paths
 
 
-__all__ = ["render", "write_text_images"]
+__all__ = ["rapidocr_models", "render", "write_text_images"]
