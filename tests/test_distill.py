@@ -451,3 +451,22 @@ def test_small_corpus_warning_says_what_to_expect():
     assert "more in-domain data" in note
     assert "trail the teacher" in small_corpus_note(500, 3, sentence_encoder=False)
     assert small_corpus_note(SMALL_CORPUS_PASSES, 1, sentence_encoder=True) is None
+
+
+def test_frozen_token_embeddings_stay_the_teachers(tiny_bert_dir, tmp_path):
+    from transformers import AutoModel
+
+    from deployopt.stages.distill import distill
+    from tests.models import WORDS
+
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(" ".join(WORDS[i : i + 6]) for i in range(40)))
+    res = distill(tiny_bert_dir, data, tmp_path / "o", student_layers="1", train=FAST,
+                  freeze_embeddings=True, progress=False, log=lambda s: None)  # fmt: skip
+    assert json.loads(res.report.read_text())["frozen_token_embeddings"] is True
+    teacher = AutoModel.from_pretrained(tiny_bert_dir).get_input_embeddings().weight
+    student = AutoModel.from_pretrained(tmp_path / "o" / "student").get_input_embeddings().weight
+    torch.testing.assert_close(student, teacher, rtol=0, atol=0)
+    trained = AutoModel.from_pretrained(tmp_path / "o" / "student").encoder.layer[0]
+    first = AutoModel.from_pretrained(tiny_bert_dir).encoder.layer[1]
+    assert not torch.equal(trained.output.dense.weight, first.output.dense.weight)
