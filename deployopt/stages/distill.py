@@ -109,7 +109,8 @@ def distill(
     Teacher: an HF folder, ``"minilm"``, ``"pkg.mod:factory"`` (with ``input_shape``) or a module.
     Student: ``student_layers`` (keep these teacher layers, weights copied), ``student_size``
     (same architecture, smaller, fresh weights) or ``student`` (a factory or module).
-    ``losses``: default ``embedding`` for sentence encoders, ``kd`` for classifiers.
+    ``losses``: default ``cosine,hidden`` for sentence encoders (``hidden`` for a narrower
+    student), ``kd`` for classifiers; ``windows``: long texts train as overlapping windows.
     A run interrupted after a checkpoint resumes when called again with the same ``out``.
     """
     from deployopt.sources import load_source
