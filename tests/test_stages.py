@@ -241,7 +241,10 @@ def test_constant_weights_and_old_opsets_are_made_quantizable(tmp_path):
     )  # fmt: skip
     src = tmp_path / "m.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), src)
-    fixed = weights_as_initializers(src, tmp_path)
+    dynamic = weights_as_initializers(src, tmp_path)  # dynamic int8: no QDQ, opset kept
+    assert onnx.load(str(dynamic)).opset_import[0].version == 12
+    assert [i.name for i in onnx.load(str(dynamic)).graph.initializer] == ["w"]
+    fixed = weights_as_initializers(src, tmp_path, min_opset=QDQ_MIN_OPSET)
     assert fixed != src and fixed.name.startswith(".")  # a scratch file the runner removes
     m = onnx.load(str(fixed))
     assert [i.name for i in m.graph.initializer] == ["w"]
@@ -251,4 +254,5 @@ def test_constant_weights_and_old_opsets_are_made_quantizable(tmp_path):
     np.testing.assert_array_equal(run_onnx(fixed, {"x": x})[0], run_onnx(src, {"x": x})[0])
     clean = tmp_path / "clean"
     clean.mkdir()
-    assert weights_as_initializers(fixed, clean) == fixed  # nothing to do: the file as it is
+    # nothing to do: the file as it is
+    assert weights_as_initializers(fixed, clean, min_opset=QDQ_MIN_OPSET) == fixed

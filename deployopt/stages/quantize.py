@@ -227,32 +227,27 @@ def _fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool, wty
 QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) needs opset 13
 
 
-def weights_as_initializers(src: Path, out_dir: Path) -> Path:
+def weights_as_initializers(src: Path, out_dir: Path, min_opset: int | None = None) -> Path:
     """``src``, or a scratch copy in ``out_dir`` (the runner removes it) that the quantizer can
     work on: Constant-node weights of MatMul/Gemm/Conv made initializers (the quantizer looks
-    for weights there only), and a default-domain opset under 13 converted to 13 (per-channel
-    QDQ weights need it; onnxruntime rejects the quantized model otherwise). Parity against the
-    fp32 model judges the result, conversion included."""
+    for weights there only), and, with ``min_opset``, a default-domain opset under it converted
+    (static per-channel QDQ weights need 13; onnxruntime rejects the quantized model otherwise).
+    Parity against the fp32 model judges the result, conversion included."""
     import onnx
 
     from deployopt.graphs import constant_weights_to_initializers
 
     model = onnx.load(str(src), load_external_data=False)
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    const_weights = any(
-        n.op_type in LINEAR_OPS and n.input[1:2] and n.input[1] in consts for n in model.graph.node
-    )
+    moved = constant_weights_to_initializers(model.graph, LINEAR_OPS)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    old_opset = opset is not None and opset < QDQ_MIN_OPSET
-    if not const_weights and not old_opset:
+    upgrade = min_opset is not None and opset is not None and opset < min_opset
+    if not moved and not upgrade:
         return src
-    model = onnx.load(str(src))
-    if const_weights:
-        constant_weights_to_initializers(model.graph, LINEAR_OPS)
-    if old_opset:
+    onnx.load_external_data_for_model(model, str(src.parent))
+    if upgrade:
         from onnx import version_converter
 
-        model = version_converter.convert_version(model, QDQ_MIN_OPSET)
+        model = version_converter.convert_version(model, min_opset)
     scratch = out_dir / ".weights.onnx"
     onnx.save_model(model, str(scratch))
     return scratch
@@ -387,7 +382,7 @@ class StaticQuantStage:
     def apply(self, src: Path, out_dir: Path, ctx: Context) -> StageOutput:
         from deployopt.runtime.session import model_outputs
 
-        src = weights_as_initializers(src, out_dir)
+        src = weights_as_initializers(src, out_dir, min_opset=QDQ_MIN_OPSET)
         calib, judge = _split(ctx.calibration, self.max_samples)
         calib = uniform_batches(calib)
         ref = ctx.isolated(model_outputs, src, judge, ctx.threads, label=f"{self.label} reference")
