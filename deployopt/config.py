@@ -48,6 +48,7 @@ class OptimizeConfig(BaseModel):
     max_size_mb: float | None = Field(None, gt=0)
     max_latency_ms: float | None = Field(None, gt=0)
     metric: str = Field("p50", pattern="^(p50|p90|p95|p99)$")
+    prefer: str = Field("fastest", pattern="^(fastest|smallest)$")
     tune_session: bool = True  # search session settings for the winner and runners-up
     # candidate space and measurement effort: quick | default | exhaustive (deployopt.candidates)
     search: str = "default"

@@ -1,0 +1,74 @@
+"""Typed progress events. Runners emit them through an ``on_event`` callback; the CLI renders
+them (and never parses log text). Records only: no behaviour, no heavy imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VariantsPlanned:
+    """The variants ``optimize`` will build, in order (known once fusion is done)."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VariantStarted:
+    name: str
+
+
+@dataclass(frozen=True)
+class VariantFinished:
+    name: str
+    status: str  # ok | failed | skipped | reused
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BenchRound:
+    """One interleaved benchmark round finished (``done`` of ``total`` for this measurement)."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """``optimize`` finished: the chosen variant (None when nothing qualified)."""
+
+    winner: str | None
+
+
+# recipe runs (deployopt.pipeline)
+@dataclass(frozen=True)
+class StageStarted:
+    stage: str
+    id: str
+
+
+@dataclass(frozen=True)
+class StageCached:
+    stage: str
+    id: str
+
+
+@dataclass(frozen=True)
+class StageDone:
+    stage: str
+    id: str
+    seconds: float
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class StageFailed:
+    stage: str
+    id: str
+    error: str
+
+
+Event = (
+    VariantsPlanned | VariantStarted | VariantFinished | BenchRound | Shipped
+    | StageStarted | StageCached | StageDone | StageFailed
+)  # fmt: skip
