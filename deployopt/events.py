@@ -62,6 +62,14 @@ class StageDone:
 
 
 @dataclass(frozen=True)
+class StageLog:
+    """A line of a stage's own log (what it is doing)."""
+
+    stage: str
+    message: str
+
+
+@dataclass(frozen=True)
 class StageFailed:
     stage: str
     id: str
@@ -70,5 +78,5 @@ class StageFailed:
 
 Event = (
     VariantsPlanned | VariantStarted | VariantFinished | BenchRound | Shipped
-    | StageStarted | StageCached | StageDone | StageFailed
+    | StageStarted | StageCached | StageDone | StageLog | StageFailed
 )  # fmt: skip

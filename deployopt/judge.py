@@ -76,14 +76,22 @@ class Budget(BaseModel):
     batch: int = Field(1, ge=1)
     seq: int = Field(128, ge=1)
     shape: dict[str, list[int]] | None = None
-    p50_ms: float | None = Field(None, gt=0)
-    p90_ms: float | None = Field(None, gt=0)
-    p95_ms: float | None = Field(None, gt=0)
-    p99_ms: float | None = Field(None, gt=0)
-    min_throughput: float | None = Field(None, gt=0)
-    max_size_mb: float | None = Field(None, gt=0)
-    min_cosine: float | None = Field(None, ge=-1, le=1)  # mean over the samples
-    min_min_cosine: float | None = Field(None, ge=-1, le=1)  # the worst single sample
+    # the limits; `deployopt gate` declares its limit flags with these fields (options.py)
+    p50_ms: float | None = Field(None, gt=0, description="Limit on p50 latency (ms).")
+    p90_ms: float | None = Field(None, gt=0, description="Limit on p90 latency (ms).")
+    p95_ms: float | None = Field(None, gt=0, description="Limit on p95 latency (ms).")
+    p99_ms: float | None = Field(None, gt=0, description="Limit on p99 latency (ms).")
+    min_throughput: float | None = Field(
+        None, gt=0, description="Least throughput (items/s at the median latency)."
+    )
+    max_size_mb: float | None = Field(None, gt=0, description="Largest model size (MB).")
+    min_cosine: float | None = Field(
+        None, ge=-1, le=1,
+        description="Least mean cosine to --reference (or, with --report, to fp32).",
+    )  # fmt: skip
+    min_min_cosine: float | None = Field(
+        None, ge=-1, le=1, description="Least cosine of the worst single sample, as --min-cosine."
+    )
 
     @model_validator(mode="after")
     def _has_a_limit(self) -> Budget:

@@ -69,7 +69,7 @@ def test_other_losses():
     e = torch.randn(3, 8)
     assert embedding_loss(e, e, "cosine").item() == pytest.approx(0.0, abs=1e-6)
     assert embedding_loss(-e, e, "cosine").item() == pytest.approx(2.0)
-    from deployopt.stages.distill import parse_losses
+    from deployopt.options import parse_losses
 
     assert parse_losses("embedding,cosine:0.5") == {"embedding": 1.0, "cosine": 0.5}
     with pytest.raises(ValueError, match="shapes differ"):

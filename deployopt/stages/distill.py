@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from deployopt.errors import ConfigError, DataError
+from deployopt.options import parse_losses
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
 from deployopt.torchside.train import TrainConfig, Trainer, dist_info, task_defaults
 from deployopt.workspace import write_json
 
-LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
 # Sentence encoders, measured by benchmarks/defaults_minilm.py (see the README's table).
 SENTENCE_LOSSES = "cosine,hidden"
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -43,30 +43,6 @@ class DistillResult:
     report: Path
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_losses(text: str | Sequence[str] | dict) -> dict[str, float]:
-    """``"embedding,hidden:0.5"`` -> {"embedding": 1.0, "hidden": 0.5}."""
-    if isinstance(text, dict):
-        items = list(text.items())
-    else:
-        parts = text.split(",") if isinstance(text, str) else list(text)
-        items = []
-        for p in (x.strip() for x in parts if str(x).strip()):
-            name, _, w = p.partition(":")
-            try:
-                items.append((name, float(w) if w else 1.0))
-            except ValueError:
-                raise ConfigError(
-                    f"bad loss weight in {p!r}", hint="write e.g. kd,hidden:0.5"
-                ) from None
-    bad = [n for n, _ in items if n not in LOSSES]
-    if bad or not items:
-        raise ConfigError(
-            f"unknown loss(es) {', '.join(bad) or '(none)'}",
-            hint="choose from " + ", ".join(LOSSES),
-        )
-    return dict(items)
 
 
 def _params(m: nn.Module) -> int:
