@@ -8,6 +8,7 @@ from typing import Any
 
 from deployopt.benchmark import BenchResult
 from deployopt.config import make_config
+from deployopt.events import Event
 from deployopt.run import OptimizeResult, Runner
 from deployopt.sources import load_source
 
@@ -28,6 +29,7 @@ def optimize(
     force: bool = False,
     log: Callable[[str], None] | None = None,
     cpu: Any = None,
+    on_event: Callable[[Event], None] | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Export ``source`` to ONNX and build validated variants in ``out``.
@@ -43,10 +45,25 @@ def optimize(
     candidates for (default: this machine's); ``search="quick"|"default"|"exhaustive"``
     sets the candidate space and measurement effort.
 
-    ``result.failure`` is the :class:`~deployopt.errors.NoViableVariantError` of a run that
-    shipped nothing (no variant passed its checks, or none meets the constraints), else None:
-    it is decided before ``best.onnx`` is written, so a failed run never leaves one behind.
-    The output folder is checked before any work (a file, not writable, overlapping the input).
+    ``prefer="smallest"`` ships the smallest qualifying variant instead of the fastest.
+
+    ``on_event`` hears the run's progress as :mod:`deployopt.events` records, in order:
+    VariantStarted/VariantFinished for each variant (status ok, failed, skipped or reused),
+    VariantsPlanned (every variant name, in build order) once the candidate plan is known,
+    BenchRound after each benchmark round, and Shipped (the winner, or None) last.
+
+    Raises :class:`~deployopt.errors.NoViableVariantError` when the run ships nothing (no
+    variant passed its checks, or none meets the constraints), as the CLI exits 6; it is
+    raised after the manifest and the reports are written, with the
+    :class:`~deployopt.run.OptimizeResult` as its ``result`` (variants, ``choice.rejected``
+    with each reason, ``reports``). It is decided before ``best.onnx`` is written, so a failed
+    run never leaves one behind. The output folder is checked before any work (a file, not
+    writable, overlapping the input).
+
+    >>> try:  # doctest: +SKIP
+    ...     optimize("minilm", "out", max_size_mb=1)
+    ... except NoViableVariantError as e:
+    ...     print(e.result.choice.rejected)
     """
     cfg = make_config(
         variants=tuple(variants) if variants is not None else None,
@@ -78,13 +95,17 @@ def optimize(
     from deployopt.ship import ship
 
     try:
-        result = Runner(src, Path(out), cfg, log=log, force=force, cpu=cpu).run()
-        ship(result, cfg, log)  # decides result.failure before anything is shipped
+        runner = Runner(src, Path(out), cfg, log=log, force=force, cpu=cpu, on_event=on_event)
+        result = runner.run()
+        ship(result, cfg, log, on_event)  # decides result.failure before anything is shipped
     except OSError as e:  # a full disk or read-only mount mid-run: stop, name the path
         err = disk_error(e, Path(out))
         if err is None:
             raise
         raise err from e
+    if result.failure is not None:  # the reports say why; the caller gets them on the error
+        result.failure.result = result
+        raise result.failure
     return result
 
 

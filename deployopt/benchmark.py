@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from deployopt.events import BenchRound
 from deployopt.presets import Target
 from deployopt.stats import quantile_ci
 
@@ -402,6 +403,7 @@ def bench_models(
     timeout_s: float = 600.0,
     serves: Mapping[str, Callable] | None = None,
     targets: Mapping[str, Target] | None = None,
+    on_event: Callable[[BenchRound], None] | None = None,
 ) -> dict[str, BenchResult]:
     """Measure several models on one target in interleaved rounds; one worker per model.
 
@@ -409,6 +411,7 @@ def bench_models(
     reason; the others are measured on. ``serves`` gives some models another worker main
     (see :class:`BenchWorker`), e.g. to time a PyTorch reference in the same rounds;
     ``targets`` gives some another target, e.g. the same model under other session options.
+    ``on_event`` hears a :class:`~deployopt.events.BenchRound` after each round.
     """
     env = fingerprint(target)
     workers = []
@@ -425,6 +428,8 @@ def bench_models(
                 if w.alive:
                     w.measure(spec.rounds - r)
             log(f"bench: round {r + 1}/{spec.rounds} done")
+            if on_event is not None:
+                on_event(BenchRound(r + 1, spec.rounds))
     finally:
         for w in workers:
             w.close()

@@ -7,6 +7,8 @@ file, stage or tensor concerned, a ``hint`` that says how to fix it, and an ``ex
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_GATE_FAIL = 1
 EXIT_USAGE = 2
@@ -91,10 +93,18 @@ class ParityError(StageError):
 
 
 class NoViableVariantError(DeployoptError):
-    """No variant met the constraints."""
+    """No variant met the constraints.
+
+    ``result``: the run's :class:`~deployopt.run.OptimizeResult` (variants, choice with every
+    rejection, reports) when ``deployopt.optimize`` raises it, else None.
+    """
 
     exit_code = EXIT_NO_VARIANT
     default_hint = "see the manifest for each variant's reason; relax a constraint or add variants"
+
+    def __init__(self, message: str, hint: str | None = None, result: Any = None):
+        super().__init__(message, hint)
+        self.result = result
 
 
 class RuntimeUnavailableError(DeployoptError):

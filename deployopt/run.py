@@ -29,6 +29,7 @@ from deployopt.errors import (
     ParityError,
     StageError,
 )
+from deployopt.events import Event, VariantFinished, VariantsPlanned, VariantStarted
 from deployopt.feeds import is_stateful, stateful_batches, unknown_zero_dims, unknown_zero_specs
 from deployopt.graphs import reorder_file
 from deployopt.hardware import CpuDescriptor, detect_cpu
@@ -59,6 +60,7 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 SYNTHETIC_SAMPLES = 64
 INPUT_VERSION = 2  # of the input's working copy (2: dims written as 0 read as unknown)
+BASE = "fp32"  # the name of the root variant: the export, or the input's working copy
 
 
 @dataclass
@@ -176,9 +178,14 @@ class Runner:
         log: Callable[[str], None] = print,
         force: bool = False,
         cpu: CpuDescriptor | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ):
-        """``cpu``: the CPU the candidates are derived for (default: this machine's)."""
+        """``cpu``: the CPU the candidates are derived for (default: this machine's).
+        ``on_event`` hears the run's progress (deployopt.events): VariantStarted and
+        VariantFinished for every variant, VariantsPlanned once the candidate plan is known."""
         self.source = source
+        self.on_event = on_event
+        self._open: str | None = None  # the variant started and not yet finished
         self.cpu = cpu or detect_cpu()
         self.out = Path(out_dir)
         self.cfg = cfg
@@ -191,13 +198,29 @@ class Runner:
 
     # ---------------------------------------------------------------- public
 
-    def run(self, on_step: Callable[[str], None] = lambda s: None) -> OptimizeResult:
+    def run(self) -> OptimizeResult:
+        try:
+            return self._run()
+        except BaseException as e:  # a run stopped mid-variant: that variant is finished too
+            if self._open is not None:
+                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                self._emit(VariantFinished(self._open, STATUS_FAILED, reason))
+            raise
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, VariantStarted):
+            self._open = event.name
+        elif isinstance(event, VariantFinished):
+            self._open = None
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _run(self) -> OptimizeResult:
         (self.out / "variants").mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.out)
         clean_stale_temps(self.out / "variants")
         from deployopt.stages.fuse import FuseStage
 
-        on_step("export")
         base, evaluation, calibration, desc = self._root()
         self.meta = {
             "data": desc,
@@ -227,11 +250,13 @@ class Runner:
         if reference is None:
             reference = self._outputs(base.path, base.name)
         self._warn_constant(reference, evaluation, desc.get("eval", "the evaluation inputs"))
-        if "fuse" in self.cfg.variants:
-            on_step("fuse")
-            self._variant(FuseStage(), ctx, reference)
-        for stage in self.plan(base, ctx):
-            on_step(stage.label)
+        fuse = [FuseStage()] if "fuse" in self.cfg.variants else []
+        for stage in fuse:
+            self._variant(stage, ctx, reference)
+        stages = self.plan(base, ctx)  # needs the fused graph's facts
+        names = [base.name] + [s.label for s in fuse + stages]
+        self._emit(VariantsPlanned(tuple(names)))
+        for stage in stages:
             self._variant(stage, ctx, reference)
         return self._finish()
 
@@ -304,6 +329,7 @@ class Runner:
     def _root(self):
         src = self.source
         evaluation: list[Batch]
+        self._emit(VariantStarted(BASE))
         if isinstance(src, TorchSource):
             evaluation, calibration, desc = build_data(src, src.specs, self.cfg, self.warn)
             self._evaluation = evaluation
@@ -316,7 +342,8 @@ class Runner:
             params = {"opset": self.cfg.opset, "exporter": "dynamo"}
             vid = variant_id(src.content_hash, "export", export_stage.VERSION, params)
             ref = export_stage.torch_outputs(src, evaluation)
-            v = self._cached(vid) or self._build(vid, "fp32", "export", None, params, do_export)
+            cached = self._cached(vid)
+            v = cached or self._build(vid, BASE, "export", None, params, do_export)
             v = self._prove(v, ref, EXACT, "PyTorch", classifier=src.meta.classifier_outputs)
         else:
             assert isinstance(src, OnnxSource)
@@ -338,12 +365,11 @@ class Runner:
                 save_model(model, d)
                 return SimpleNamespace(warnings=warnings)
 
-            v = self._cached(vid) or self._build(
-                vid, "fp32", "input", None, {"source": str(src.path)}, copy
-            )
+            cached = self._cached(vid)
+            v = cached or self._build(vid, BASE, "input", None, {"source": str(src.path)}, copy)
             # loaded and run in a worker before it is called ok: its outputs are the reference
             self._reference = self._probe(v, evaluation, desc.get("eval", ""))
-        self._record(v)
+        self._record(v, reused=cached is not None)
         return v, evaluation, calibration, desc
 
     def _image_dims(self, specs: list[InputSpec]) -> dict[str, int]:
@@ -413,6 +439,7 @@ class Runner:
     # ---------------------------------------------------------------- variants
 
     def _variant(self, stage, ctx: Context, reference) -> None:
+        self._emit(VariantStarted(stage.label))
         parent = next(
             (v for name in stage.parent for v in self.variants if v.name == name and v.ok), None
         )
@@ -452,6 +479,7 @@ class Runner:
             self._record(unbuilt(STATUS_SKIPPED, skip))
             return
         v = self._cached(vid)
+        reused = v is not None
         if v is None:
             try:
                 v = self._build(
@@ -471,7 +499,7 @@ class Runner:
         v = self._prove(
             v, reference, stage.tolerance, "fp32", classifier=self.source.meta.classifier_outputs
         )
-        self._record(v)
+        self._record(v, reused=reused)
 
     def _build(self, vid, name, stage, parent, params, fn) -> Variant:
         """Run ``fn(tmpdir)`` to write the model, then rename the finished folder into place."""
@@ -580,13 +608,16 @@ class Runner:
         with atomic_dir(folder) as tmp:
             write_json(tmp / "variant.json", v.to_json())
 
-    def _record(self, v: Variant) -> None:
+    def _record(self, v: Variant, reused: bool = False) -> None:
+        """Keep ``v`` and say so: the log line and VariantFinished (status "reused" for an ok
+        variant taken from the cache and proved again)."""
         self.variants.append(v)
         mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}[v.status]
         extra = ""
         if v.parity:
             extra = f" mean cos {v.parity['mean_cosine']:.5f}"
         self.log(f"{v.name}: {mark}{extra}" + (f" ({v.reason})" if v.reason else ""))
+        self._emit(VariantFinished(v.name, "reused" if reused and v.ok else v.status, v.reason))
 
     def _finish(self) -> OptimizeResult:
         manifest = {

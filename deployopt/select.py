@@ -1,8 +1,10 @@
 """Choose the variant to ship: pure functions over measured results.
 
 Among valid, parity-passing candidates that meet every constraint, the fastest on the chosen
-metric wins; ties go to the smaller file, then the higher cosine, then the name. The Pareto
-front over (latency, accuracy, size) is listed, and every rejected variant with its reason.
+metric wins; ties go to the smaller file, then the higher cosine, then the name. With
+``prefer="smallest"`` the smallest file wins instead; ties go to the lower latency, then the
+higher cosine, then the name. The Pareto front over (latency, accuracy, size) is listed, and
+every rejected variant with its reason.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 METRICS = ("p50", "p90", "p95", "p99")
+PREFER = ("fastest", "smallest")  # the rule that ranks qualifying candidates
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,13 @@ class Constraints:
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
     metric: str = "p50"
+    prefer: str = "fastest"
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}")
+        if self.prefer not in PREFER:
+            raise ValueError(f"prefer must be one of {', '.join(PREFER)}")
 
 
 @dataclass(frozen=True)
@@ -86,13 +92,16 @@ def rejection(c: Candidate, k: Constraints) -> str | None:
     return None
 
 
+def _size(c: Candidate) -> float:
+    return c.size_mb if c.size_mb is not None else float("inf")
+
+
 def _key(c: Candidate):
-    return (
-        c.latency_ms,
-        c.size_mb if c.size_mb is not None else float("inf"),
-        -(c.mean_cosine or 0.0),
-        c.name,
-    )
+    return (c.latency_ms, _size(c), -(c.mean_cosine or 0.0), c.name)
+
+
+def _smallest_key(c: Candidate):
+    return (_size(c), c.latency_ms, -(c.mean_cosine or 0.0), c.name)
 
 
 def pareto_front(cands: Sequence[Candidate]) -> tuple[str, ...]:
@@ -100,8 +109,7 @@ def pareto_front(cands: Sequence[Candidate]) -> tuple[str, ...]:
     pts = [c for c in cands if c.latency_ms is not None and c.mean_cosine is not None]
 
     def dominates(a: Candidate, b: Candidate) -> bool:
-        sa = a.size_mb if a.size_mb is not None else float("inf")
-        sb = b.size_mb if b.size_mb is not None else float("inf")
+        sa, sb = _size(a), _size(b)
         le = a.latency_ms <= b.latency_ms and a.mean_cosine >= b.mean_cosine and sa <= sb
         lt = a.latency_ms < b.latency_ms or a.mean_cosine > b.mean_cosine or sa < sb
         return le and lt
@@ -115,7 +123,8 @@ def pareto_front(cands: Sequence[Candidate]) -> tuple[str, ...]:
 
 
 def choose(candidates: Sequence[Candidate], constraints: Constraints) -> Choice:
-    """The fastest qualifying candidate, the ranking, the rejections and the Pareto front."""
+    """The best qualifying candidate by ``constraints.prefer`` (fastest, or smallest), the
+    ranking, the rejections and the Pareto front."""
     rejected = {}
     ok = []
     for c in candidates:
@@ -124,7 +133,7 @@ def choose(candidates: Sequence[Candidate], constraints: Constraints) -> Choice:
             ok.append(c)
         else:
             rejected[c.name] = why
-    ranked = tuple(sorted(ok, key=_key))
+    ranked = tuple(sorted(ok, key=_smallest_key if constraints.prefer == "smallest" else _key))
     valid = [c for c in candidates if c.status == "ok" and c.bench_valid]
     return Choice(
         winner=ranked[0] if ranked else None,

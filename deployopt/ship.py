@@ -16,6 +16,7 @@ from pathlib import Path
 
 from deployopt.benchmark import BenchSpec, bench_models, fingerprint
 from deployopt.config import OptimizeConfig
+from deployopt.events import Event, Shipped
 from deployopt.presets import BEST_MODEL, BEST_SESSION, Target, resolve_target
 from deployopt.run import OptimizeResult, manifest_entry
 from deployopt.select import Candidate, Choice, Constraints, choose
@@ -40,6 +41,7 @@ def constraints_of(cfg: OptimizeConfig) -> Constraints:
         max_size_mb=cfg.max_size_mb,
         max_latency_ms=cfg.max_latency_ms,
         metric=cfg.metric,
+        prefer=cfg.prefer,
     )
 
 
@@ -78,9 +80,10 @@ def bench_variants(
     target: Target,
     log: Callable[[str], None],
     names: Sequence[str] | None = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> dict[str, list]:
     """The ok variants (``names``, default all) on ``target`` at each batch size, interleaved,
-    in worker processes."""
+    in worker processes; ``on_event`` hears each round (BenchRound)."""
     models = {
         v.name: str(v.path)
         for v in result.variants
@@ -90,7 +93,12 @@ def bench_variants(
     for batch in cfg.bench_batches:
         log(f"bench: {len(models)} variants on {target.describe()}, batch {batch}")
         res = bench_models(
-            models, target, spec_of(result, cfg, batch), log=log, timeout_s=cfg.worker_timeout_s
+            models,
+            target,
+            spec_of(result, cfg, batch),
+            log=log,
+            timeout_s=cfg.worker_timeout_s,
+            on_event=on_event,
         )
         for name, r in res.items():
             per_variant[name].append(r)
@@ -189,17 +197,22 @@ def screen(
     target: Target,
     constraints: Constraints,
     log: Callable[[str], None],
+    on_event: Callable[[Event], None] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """A short interleaved run of every proved variant; the fastest few that meet the accuracy
     and size constraints (``SCREEN_KEEP`` by search effort) go on to the full measurement, with
     the input graph as the reference. Returns (names to measure in full, screened-out reasons);
-    fills ``result.screening`` and ``result.funnel``."""
+    fills ``result.screening`` and ``result.funnel``. Skipped (all measured in full) when
+    ``constraints.prefer`` is "smallest"."""
     from deployopt.candidates import SCREEN_KEEP
 
     ok = [v for v in result.variants if v.ok and v.path is not None]
     keep = SCREEN_KEEP[cfg.search]
     result.funnel.update(candidates=len(result.variants), parity_passed=len(ok))
-    if keep == 0 or len(ok) <= keep + 1:
+    # prefer=smallest: no screening. Keeping the few fastest would drop the smallest; keeping
+    # the few smallest instead could drop the smallest one that meets --max-latency-ms, which
+    # only the full measurement decides. Measuring all in full is simple and always right.
+    if keep == 0 or len(ok) <= keep + 1 or constraints.prefer == "smallest":
         result.funnel.update(screened=0, measured=len(ok))
         return [v.name for v in ok], {}
     log(f"screen: {len(ok)} variants, short interleaved run")
@@ -209,6 +222,7 @@ def screen(
         short_spec(result, cfg, cfg.bench_batches[0]),
         log=log,
         timeout_s=cfg.worker_timeout_s,
+        on_event=on_event,
     )
     result.screening = res
     pre = choose(
@@ -239,10 +253,13 @@ def tune_sessions(
     cfg: OptimizeConfig,
     target: Target,
     log: Callable[[str], None],
+    on_event: Callable[[Event], None] | None = None,
 ) -> tuple[str, Target, dict] | None:
     """Search session settings for the winner and its close runners-up, then measure each
     model under its best setting (and the winner under the target's) in one interleaved run.
-    Returns (model to ship, its tuned target, the record for the report), or None."""
+    With ``cfg.prefer == "smallest"`` only the winner is searched: a faster runner-up is a
+    larger model and must not replace it. Returns (model to ship, its tuned target, the
+    record for the report), or None; ``on_event`` hears the final run's rounds."""
     from deployopt.candidates import SESSION_MODELS
     from deployopt.hardware import detect_cpu
     from deployopt.tuning import (
@@ -262,6 +279,8 @@ def tune_sessions(
         for c in ch.ranked[: SESSION_MODELS[cfg.search]]
         if c.latency_ms <= w.latency_ms * (1 + RUNNER_UP_WITHIN)
     ]
+    if cfg.prefer == "smallest":
+        models = [w.name]
     paths = {m: str(result.by_name(m).path) for m in models}
     log(f"session: searching settings for {', '.join(models)}")
     layernorm = {m: _add_feeds_layernorm(Path(p)) for m, p in paths.items()}
@@ -287,6 +306,7 @@ def tune_sessions(
         log=log,
         timeout_s=cfg.worker_timeout_s,
         targets=targets,
+        on_event=on_event,
     )
     p50 = {k: r.stats.percentile(cfg.metric) for k, r in res.items() if r.valid and r.stats}
     baseline = f"{w.name} | default"
@@ -338,16 +358,23 @@ def _add_feeds_layernorm(path: Path) -> bool:
     return any(n.op_type == "LayerNormalization" and n.input[0] in adds for n in nodes)
 
 
-def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]) -> None:
-    """Screen, benchmark, choose, tune the session, copy the winner and write the reports."""
+def ship(
+    result: OptimizeResult,
+    cfg: OptimizeConfig,
+    log: Callable[[str], None],
+    on_event: Callable[[Event], None] | None = None,
+) -> None:
+    """Screen, benchmark, choose, tune the session, copy the winner and write the reports.
+    ``on_event`` hears a BenchRound per benchmark round and, last, Shipped (the winner's name,
+    or None when nothing was shipped)."""
     from deployopt import report
 
     target = None
     constraints = constraints_of(cfg)
     if cfg.bench and any(v.ok for v in result.variants):
         target = target_of(cfg)
-        full, screened_out = screen(result, cfg, target, constraints, log)
-        result.bench = bench_variants(result, cfg, target, log, names=full)
+        full, screened_out = screen(result, cfg, target, constraints, log, on_event)
+        result.bench = bench_variants(result, cfg, target, log, names=full, on_event=on_event)
         cands = candidates(result, result.bench, cfg.metric, screened_out)
         result.choice = choose(cands, constraints)
         (result.out_dir / SESSION_FILE).unlink(missing_ok=True)  # never a stale one
@@ -355,7 +382,7 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
         if result.failure is not None:  # the report and the table show nothing chosen
             result.choice = replace(result.choice, winner=None)
         if result.choice.winner is not None:
-            tuning = tune_sessions(result, cfg, target, log) if cfg.tune_session else None
+            tuning = tune_sessions(result, cfg, target, log, on_event) if cfg.tune_session else None
             if tuning is not None:
                 model, tuned, record = tuning
                 if model != result.choice.winner.name:
@@ -389,7 +416,9 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
             for v in result.variants
         ],
         bench={k: [r.to_json() for r in rs] for k, rs in result.bench.items()},
-        choice=_choice_json(result.choice, cfg.metric, result.best, result.out_dir, result.session),
+        choice=_choice_json(
+            result.choice, cfg.metric, result.best, result.out_dir, result.session, cfg.prefer
+        ),
         model_lineage=result.meta.get("lineage", []),
         search={
             "effort": cfg.search,
@@ -402,6 +431,9 @@ def ship(result: OptimizeResult, cfg: OptimizeConfig, log: Callable[[str], None]
     )
     result.reports = report.write_all(result.out_dir, doc)
     log(f"report: {result.reports['md']}")
+    if on_event is not None:
+        winner = result.choice.winner if result.choice is not None else None
+        on_event(Shipped(winner.name if winner is not None and result.best else None))
 
 
 def failure(result: OptimizeResult, cfg: OptimizeConfig):
@@ -440,7 +472,12 @@ def _promote(choice: Choice, name: str) -> Choice:
 
 
 def _choice_json(
-    choice: Choice | None, metric: str, best: Path | None, out: Path, session: dict | None
+    choice: Choice | None,
+    metric: str,
+    best: Path | None,
+    out: Path,
+    session: dict | None,
+    prefer: str = "fastest",
 ):
     if choice is None:
         return None
@@ -451,5 +488,6 @@ def _choice_json(
         "rejected": dict(choice.rejected),
         "pareto": list(choice.pareto),
         "metric": metric,
+        "prefer": prefer,  # the rule that ranked: fastest on metric, or smallest
         "best_path": str(best.relative_to(out)) if best else None,
     }

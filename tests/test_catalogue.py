@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from deployopt.errors import DataError
+from deployopt.errors import DataError, NoViableVariantError
 from tests.models import ROOT, flat, optimize_only, run_cli, write_vocab
 
 FAST = {"bench_min_samples": 5, "bench_min_seconds": 0.0, "bench_rounds": 1}
@@ -111,10 +111,11 @@ def test_fp16_overflow_the_probe_missed_fails_the_variant_naming_the_tensor(
     """Were the fp32 probe to miss it, the true-fp16 check still refuses the variant."""
     model, data, _ = overflow_inputs
     monkeypatch.setattr("deployopt.stages.fp16.fp32_nodes", lambda graph, hot: [])
-    res = optimize_only(
-        str(model), tmp_path / "out", variants=["fp16"], evaluation=data, calibration=data
-    )
-    v = res.by_name("fp16")
+    with pytest.raises(NoViableVariantError, match="no variant passed its checks: fp16") as e:
+        optimize_only(
+            str(model), tmp_path / "out", variants=["fp16"], evaluation=data, calibration=data
+        )
+    v = e.value.result.by_name("fp16")
     assert v.status == "failed"
     assert re.fullmatch(
         r"fp16: tensor '[\w]+' \(node 'add', Add\) goes inf/NaN in true fp16 arithmetic "
@@ -241,7 +242,7 @@ def test_small_vocab_bert_benchmarks_and_long_lines_are_reported(tmp_path, small
         str(folder), out, variants=["fuse", "int8-dynamic"], calibration=calib,
         max_length=32, search="quick", log=logs.append, **FAST,
     )  # fmt: skip
-    assert res.failure is None and res.choice.winner is not None
+    assert res.choice.winner is not None  # a run shipping nothing raises
     assert res.bench and all(r.valid for rs in res.bench.values() for r in rs), {
         k: rs[0].invalid for k, rs in res.bench.items()
     }

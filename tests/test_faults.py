@@ -379,12 +379,13 @@ def test_failure_is_decided_before_shipping(bad, monkeypatch):
     calls = []
     monkeypatch.setattr(ship, "write_best", lambda *a: calls.append(a))
     monkeypatch.setattr(ship, "failure", lambda result, cfg: NoViableVariantError("decided"))
-    res = api.optimize(
-        str(bad["tiny"]), bad["out"], variants=["fuse"], bench_min_samples=5,
-        bench_min_seconds=0, bench_rounds=1, tune_session=False,
-    )  # fmt: skip
-    assert calls == [] and res.best is None
-    assert str(res.failure) == "decided"
+    with pytest.raises(NoViableVariantError, match="^decided$") as e:
+        api.optimize(
+            str(bad["tiny"]), bad["out"], variants=["fuse"], bench_min_samples=5,
+            bench_min_seconds=0, bench_rounds=1, tune_session=False,
+        )  # fmt: skip
+    assert calls == [] and e.value.result.best is None
+    assert e.value.result.failure is e.value
 
 
 # ---------------------------------------------------------------- a full disk

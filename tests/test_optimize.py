@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from deployopt.errors import ParityError
+from deployopt.errors import NoViableVariantError, ParityError
 from tests.models import assert_contract, cnn, mlp, ok_variants, optimize_only, run_onnx
 
 
@@ -92,11 +92,12 @@ def test_cnn_conv_bn_relu(tmp_path):
 def test_dynamic_int8_of_a_model_with_nothing_to_quantize_is_skipped(tmp_path):
     """A conv-only model has no MatMul/Gemm/Gather: a dynamic "int8" copy of fp32 would be
     listed as int8 while being fp32, so it is skipped with the reason and the static hint."""
-    res = optimize_only(
-        "tests.models:conv_only", tmp_path, input_shapes={"x": (1, 3, 16, 16)},
-        variants=["int8-dynamic"],
-    )  # fmt: skip
-    dyn = [v for v in res.variants if v.stage == "int8-dynamic"]
+    with pytest.raises(NoViableVariantError, match="no variant passed its checks") as e:
+        optimize_only(
+            "tests.models:conv_only", tmp_path, input_shapes={"x": (1, 3, 16, 16)},
+            variants=["int8-dynamic"],
+        )  # fmt: skip
+    dyn = [v for v in e.value.result.variants if v.stage == "int8-dynamic"]
     assert dyn and all(v.status == "skipped" and v.path is None for v in dyn)
     assert all("nothing to quantize" in v.reason and "int8-static" in v.reason for v in dyn)
 

@@ -13,6 +13,7 @@ import pytest
 
 from deployopt import report
 from deployopt.benchmark import LatencyStats
+from deployopt.errors import NoViableVariantError
 from tests.models import ok_variants
 
 
@@ -280,14 +281,18 @@ def test_no_viable_variant_removes_stale_best(tmp_path):
     out.mkdir()
     (out / "best.onnx").write_bytes(b"stale")
     (out / "best.session.json").write_text("{}")
-    res = deployopt.optimize(
-        "tests.models:mlp",
-        out,
-        input_shapes={"x": (1, 16)},
-        variants=["int8-dynamic"],
-        max_size_mb=1e-6,
-        **FAST,
-    )
+    with pytest.raises(NoViableVariantError) as e:  # as the CLI exits 6
+        deployopt.optimize(
+            "tests.models:mlp",
+            out,
+            input_shapes={"x": (1, 16)},
+            variants=["int8-dynamic"],
+            max_size_mb=1e-6,
+            **FAST,
+        )
+    assert e.value.exit_code == 6 and str(e.value).startswith("no variant meets the constraints")
+    res = e.value.result  # the run's result rides on the error: the table and every reason
+    assert res.failure is e.value and res.reports["md"] == out / "report.md"
     assert res.choice.winner is None and res.best is None
     assert not (out / "best.onnx").exists() and not (out / "best.session.json").exists()
     proved = {v.name for v in res.variants if v.ok}

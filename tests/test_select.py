@@ -100,3 +100,42 @@ def test_worst_sample_constraint_and_screened_out_reasons():
     # accuracy is judged before the screening verdict: the reason that does not depend on timing
     worse = Candidate(id="e", name="e", mean_cosine=0.9, min_cosine=0.9, screened_out="x")
     assert choose([worse], Constraints()).rejected["e"] == "mean cosine 0.90000 < 0.99"
+
+
+def test_prefer_smallest_ranks_by_size_then_latency_cosine_name():
+    cands = [
+        cand("fp32", 20.0, 1.0, 90),
+        cand("int8", 8.0, 0.995, 23),
+        cand("int8-small", 12.0, 0.995, 12),
+        cand("tiny-bad", 30.0, 0.9, 5),  # smallest, but fails the cosine constraint
+        cand("tiny-slow", 50.0, 0.999, 6, bench_valid=False, bench_reason="crashed"),
+        cand("fp16", 17.0, 1.0, 45),
+    ]
+    fastest = choose(cands, Constraints())
+    assert fastest.winner.name == "int8"
+    ch = choose(cands, Constraints(prefer="smallest"))
+    assert ch.winner.name == "int8-small"
+    assert [c.name for c in ch.ranked] == ["int8-small", "int8", "fp16", "fp32"]
+    # the same rejections and front, whichever rule ranks
+    assert ch.rejected == fastest.rejected and ch.pareto == fastest.pareto
+    assert set(ch.rejected) == {"tiny-bad", "tiny-slow"}
+    # the budgets still apply: a latency budget rejects the smallest, the next smallest wins
+    ch = choose(cands, Constraints(prefer="smallest", max_latency_ms=10))
+    assert ch.winner.name == "int8" and ch.rejected["int8-small"] == "p50 12 ms > budget 10 ms"
+
+
+def test_prefer_smallest_ties():
+    k = Constraints(prefer="smallest")
+    ch = choose([cand("b", 12.0, 0.999, 20), cand("a", 10.0, 0.999, 20)], k)
+    assert ch.winner.name == "a"  # same size: the faster
+    ch = choose([cand("b", 10.0, 0.995, 20), cand("a", 10.0, 0.999, 20)], k)
+    assert ch.winner.name == "a"  # same size and latency: the more accurate
+    ch = choose([cand("b", 10.0), cand("a", 10.0)], k)
+    assert ch.winner.name == "a"  # then the name
+    ch = choose([cand("unknown", 1.0, mb=None), cand("known", 9.0, mb=50)], k)
+    assert ch.winner.name == "known"  # an unknown size ranks last
+
+
+def test_unknown_prefer():
+    with pytest.raises(ValueError, match="prefer must be one of fastest, smallest"):
+        Constraints(prefer="cheapest")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from deployopt.errors import DataError
+from deployopt.errors import DataError, NoViableVariantError
 from tests.models import assert_contract, ok_variants, optimize_only
 
 
@@ -108,9 +108,11 @@ def test_static_search_failure_reports_every_configuration(tmp_path, monkeypatch
     monkeypatch.setattr(
         quantize.StaticQuantStage, "tolerance", Tolerance(min_mean_cosine=1.01)
     )  # unreachable on purpose
-    res = optimize_only(
-        "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-static"]
-    )
+    with pytest.raises(NoViableVariantError, match="no variant passed its checks") as e:
+        optimize_only(
+            "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["int8-static"]
+        )
+    res = e.value.result
     (v,) = [v for v in res.variants if v.stage == "int8-static"]  # its name follows the CPU
     assert v.status == "failed"
     assert "no static configuration met mean cosine >= 1.01" in v.reason
