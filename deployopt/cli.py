@@ -94,7 +94,7 @@ def _root(
 def _recipe(data: dict[str, Any], sets: list[str] | None):
     from deployopt import recipe as rc
 
-    return rc.from_dict(data, sets or (), where="flags")
+    return rc.from_dict(data, sets or (), where=rc.FLAGS)
 
 
 def _printed(recipe, print_recipe: bool) -> bool:

@@ -56,7 +56,10 @@ def parse_shapes(value: Any) -> Any:
             name, sep, dims = str(item).partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"bad shape {item!r}: write NAME=DIMS, e.g. x=1x3x32x32")
-            out[name.strip()] = [d for d in dims.replace(",", "x").split("x") if d.strip()]
+            try:
+                out[name.strip()] = [int(d) for d in dims.replace(",", "x").split("x") if d.strip()]
+            except ValueError:
+                raise ValueError(f"bad shape {item!r}: write NAME=DIMS, e.g. x=1x3x32x32") from None
         return out
     if isinstance(value, dict):
         return {k: v.replace(",", "x").split("x") if isinstance(v, str) else v
@@ -271,9 +274,7 @@ class OptimizeConfig(Options):
             raise ValueError(
                 f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}"
             )
-        if not v:
-            raise ValueError(f"no variant; choose from {', '.join(VARIANTS)}")
-        return tuple(dict.fromkeys(v))
+        return tuple(dict.fromkeys(v))  # none: only the exported fp32 model
 
     @field_validator("calibration_methods")
     @classmethod

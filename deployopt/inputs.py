@@ -8,14 +8,14 @@ get real sentences through their tokenizer (never random token ids); other model
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deployopt.errors import DataError, UsageError
+from deployopt.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -65,23 +65,6 @@ def specs_from_onnx(model_path: Path) -> list[InputSpec]:
                 dims.append(d.dim_param or f"dim{i}")
         specs.append(InputSpec(inp.name, np.dtype(elem(tt.elem_type)).name, tuple(dims)))
     return specs
-
-
-def parse_shape_overrides(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``name=1x3x32x32`` (or ``name=1,3,32,32``) flags."""
-    out: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name.strip()] = tuple(int(d) for d in dims.replace(",", "x").split("x") if d)
-        except ValueError:
-            raise UsageError(
-                f"bad --input-shape {item!r}",
-                hint="write NAME=DIMS, e.g. --input-shape x=1x3x32x32",
-            ) from None
-    return out
 
 
 def synthetic_batches(

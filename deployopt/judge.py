@@ -325,10 +325,11 @@ def overall(checks: Sequence[Check]) -> Verdict:
 
 
 def parse_percent(text: str) -> float:
-    """'5%' -> 0.05, '0.05' -> 0.05."""
-    t = text.strip()
+    """'5%' -> 0.05, '0.05' -> 0.05 (deployopt.config.parse_percent), as a slowdown limit."""
+    from deployopt.config import parse_percent as parse
+
     try:
-        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        value = parse(text)
     except ValueError:
         raise ConfigError(f"bad percentage {text!r}", hint="write e.g. 5% or 0.05") from None
     if not 0 <= value < 10 or math.isnan(value):

@@ -184,30 +184,7 @@ def run(
             rec.folder = str(folder)
             if forced_from is not None and i >= forced_from and (folder / MARKER).exists():
                 shutil.rmtree(folder)
-            done = _read_marker(folder, st.id)
-            if done is not None:
-                rec.status, rec.summary, rec.outputs = "cached", done["summary"], done["outputs"]
-                rec.seconds = done.get("seconds", 0.0)
-                emit(ev.StageCached(st.stage, st.id))
-            else:
-                emit(ev.StageStarted(st.stage, st.id))
-                t0 = time.perf_counter()
-                folder.mkdir(parents=True, exist_ok=True)
-                log = _logger(st.stage, emit)
-                try:
-                    rec.summary, rec.outputs = _execute(st.stage, recipe, model, folder, config,
-                                                        log, emit, i == 0)  # fmt: skip
-                except BaseException as e:
-                    rec.status, rec.seconds = "failed", time.perf_counter() - t0
-                    rec.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                    emit(ev.StageFailed(st.stage, st.id, rec.error))
-                    raise
-                rec.status, rec.seconds = "done", time.perf_counter() - t0
-                write_json(folder / MARKER, {"schema": SCHEMA, "id": st.id, "stage": st.stage,
-                                             "parent": st.parent, "params": st.params,
-                                             "data": st.data, "seconds": rec.seconds,
-                                             "summary": rec.summary, "outputs": rec.outputs})  # fmt: skip
-                emit(ev.StageDone(st.stage, st.id, rec.seconds, rec.summary))
+            _run_stage(st, rec, recipe, model, folder, config, emit, first=i == 0)
             model = _next_model(st.stage, folder, rec.outputs, model)
             _copy_outputs(recipe, st.stage, folder, out)
             result.exit_code = _worse(result.exit_code, int(rec.outputs.get("exit_code", 0)))
@@ -217,6 +194,35 @@ def run(
     finally:
         result.report = _write_report(recipe, result, stages)
     return result
+
+
+def _run_stage(st: PlannedStage, rec: StageRecord, recipe, model, folder, config, emit,
+               first: bool) -> None:  # fmt: skip
+    """Reuse the stage's finished output, or run it and mark it finished (``stage.json``)."""
+    done = _read_marker(folder, st.id)
+    if done is not None:
+        rec.status, rec.summary, rec.outputs = "cached", done["summary"], done["outputs"]
+        rec.seconds = done.get("seconds", 0.0)
+        emit(ev.StageCached(st.stage, st.id))
+        return
+    emit(ev.StageStarted(st.stage, st.id))
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = _logger(st.stage, emit)
+    try:
+        rec.summary, rec.outputs = _execute(st.stage, recipe, model, folder, config, log, emit,
+                                            first)  # fmt: skip
+    except BaseException as e:
+        rec.status, rec.seconds = "failed", time.perf_counter() - t0
+        rec.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        emit(ev.StageFailed(st.stage, st.id, rec.error))
+        raise
+    rec.status, rec.seconds = "done", time.perf_counter() - t0
+    marker = {"schema": SCHEMA, "id": st.id, "stage": st.stage, "parent": st.parent,
+              "params": st.params, "data": st.data, "seconds": rec.seconds,
+              "summary": rec.summary, "outputs": rec.outputs}  # fmt: skip
+    write_json(folder / MARKER, marker)  # last: it marks the stage finished
+    emit(ev.StageDone(st.stage, st.id, rec.seconds, rec.summary))
 
 
 SEVERITY = (1, 4, 3, 0)  # FAIL, INVALID, INCONCLUSIVE, PASS: the worst decides (as gate)

@@ -137,6 +137,7 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(known))
 
 
+FLAGS = "flags"  # ``where`` of a recipe compiled from a command's flags
 TOP_KEYS = ["preset", "target", "targets", "source", *STAGE_TABLES]
 
 
@@ -250,6 +251,10 @@ def validate(data: dict[str, Any], where: str) -> Recipe:
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
+        if where == FLAGS and len(loc) > 1:  # a command's flags: name the flag
+            flag = "--" + loc[1].replace("_", "-")
+            rest = ValidationError.from_exception_data(e.title, [{**err, "loc": ()}])
+            raise ConfigError(f"{flag}: {first_error(rest)}") from None
         table = f"[{loc[0]}] " if len(loc) > 1 else ""
         rest = ValidationError.from_exception_data(e.title, [{**err, "loc": tuple(loc[1:])}])
         raise ConfigError(f"{where}: {table}{first_error(rest)}") from None
@@ -264,6 +269,7 @@ def validate(data: dict[str, Any], where: str) -> Recipe:
 
 def check_data(recipe: Recipe, where: str) -> None:
     """Before any work: the files a stage reads exist, and a stage has the data it needs."""
+    eq = "" if where == FLAGS else " ="
     for table in ("source", *recipe.stages()):
         body = getattr(recipe, table)
         if body is None:
@@ -271,19 +277,28 @@ def check_data(recipe: Recipe, where: str) -> None:
         for name, f in type(body).model_fields.items():
             extra = f.json_schema_extra or {}
             value = getattr(body, name)
-            if not extra.get("data") or value is None:
-                continue
+            if not extra.get("data") or value is None or (table, name) == ("source", "path"):
+                continue  # the source itself: its loader names what is wrong with it (exit 5)
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, (str, Path)) and _looks_like_path(str(v)) and not Path(v).exists():
                     raise ConfigError(
-                        f"{where}: [{table}] {f.alias or name} = {str(v)!r}: no such file",
-                        hint="paths are read against the recipe's folder",
+                        f"{_at(where, table, f.alias or name)}{eq} {str(v)!r}: no such file",
+                        hint="paths are read against the recipe's folder"
+                        if where != FLAGS
+                        else "paths are read against the working folder",
                     )
     if recipe.prune is not None and recipe.prune.recover_epochs and recipe.prune.data is None:
-        raise ConfigError(f"{where}: [prune] recover_epochs needs data",
-                          hint="add data = FILE (or a packaged dataset) to [prune]")  # fmt: skip
+        raise ConfigError(
+            f"{_at(where, 'prune', 'recover_epochs')} needs data",
+            hint="give --data FILE (or a packaged dataset)"
+            if where == FLAGS
+            else "add data = FILE (or a packaged dataset) to [prune]",
+        )
     if recipe.prune is not None and recipe.prune.importance == "gradient" and not recipe.prune.data:
-        raise ConfigError(f"{where}: [prune] importance = 'gradient' needs data")
+        raise ConfigError(
+            f"{_at(where, 'prune', 'importance')} 'gradient' needs data",
+            hint="give data, or importance magnitude",
+        )
     onnx_in = recipe.source is None or recipe.source.path.endswith(".onnx")
     torch_stages = [s for s in ("distill", "prune") if getattr(recipe, s) is not None]
     if onnx_in and torch_stages:
@@ -303,6 +318,13 @@ def check_data(recipe: Recipe, where: str) -> None:
             f"{where}: [gate] has nothing to judge",
             hint="give budget, a limit (p50_ms, max_size_mb, ...) or baseline",
         )
+
+
+def _at(where: str, table: str, key: str) -> str:
+    """Where a value came from: ``--key`` (a command's flags) or ``FILE: [table] key =``."""
+    if where == FLAGS:
+        return "--" + key.replace("_", "-")
+    return f"{where}: [{table}] {key}"
 
 
 def _looks_like_path(s: str) -> bool:

@@ -237,10 +237,12 @@ def render_md(report: Mapping[str, Any]) -> str:
     ch = report.get("choice")
     if ch:
         lines += [""]
+        smallest = ch.get("prefer") == "smallest"
+        rule = "smallest file" if smallest else f"fastest on {ch.get('metric', 'p50')}"
         if ch.get("winner"):
             lines.append(
                 f"**Chosen: {ch['winner']}** → `{ch.get('best_path')}` "
-                f"(fastest on {ch.get('metric', 'p50')} meeting the constraints)"
+                f"({rule} meeting the constraints)"
             )
             if ch.get("session"):
                 lines += ["", f"Session: {session_line(ch['session'])}"]
@@ -252,10 +254,8 @@ def render_md(report: Mapping[str, Any]) -> str:
             f"Pareto front (latency, cosine, size): {', '.join(ch.get('pareto', [])) or '-'}"
         )
         if len(ch.get("ranked", [])) > 1:
-            lines.append(
-                f"Qualifying, fastest first on {ch.get('metric', 'p50')}: "
-                + ", ".join(_ranked(report, ch))
-            )
+            order = "smallest first" if smallest else f"fastest first on {ch.get('metric', 'p50')}"
+            lines.append(f"Qualifying, {order}: " + ", ".join(_ranked(report, ch)))
         if ch.get("rejected"):
             lines += ["", "Rejected:"]
             lines += [f"- {k}: {why}" for k, why in ch["rejected"].items()]

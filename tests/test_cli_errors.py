@@ -78,7 +78,7 @@ ROWS = [
     pytest.param(
         ("optimize", "tests.models:mlp", "--input-shape", "x=abc", "-o", "{out}"),
         2,
-        "bad --input-shape 'x=abc'",
+        "--input-shape: bad shape 'x=abc'",
         id="bad-input-shape",
     ),
     pytest.param(
@@ -115,7 +115,7 @@ ROWS = [
     pytest.param(
         ("optimize", *MLP, "--min-min-cosine", "1.5", "-o", "{out}"),
         2,
-        "min_min_cosine: Input should be less than or equal to 1",
+        "--min-min-cosine: Input should be less than or equal to 1",
         id="min-min-cosine-out-of-range",
     ),
     pytest.param(
@@ -127,7 +127,7 @@ ROWS = [
     pytest.param(
         ("optimize", *MLP, "--eval", "{missing}", "-o", "{out}"),
         2,
-        "{missing}: no such data file",
+        "--eval '{missing}': no such file",
         id="missing-eval-data",
     ),
     pytest.param(
@@ -136,7 +136,7 @@ ROWS = [
         "No such option: --bogus",
         id="unknown-option",
     ),
-    pytest.param(("optimize", *MLP), 2, "Missing option '--out'", id="missing-out"),
+    pytest.param(("optimize", *MLP), 2, "missing option --out / -o", id="missing-out"),
 ]
 
 

@@ -283,16 +283,16 @@ def test_plan_refuses_to_empty_a_layer():
 
 
 CASES = [
-    (["--heads", "0"], "between 0 and 1"),
-    (["--heads", "1.0"], "between 0 and 1"),
-    (["--ffn", "-0.2"], "between 0 and 1"),
-    (["--heads", "half"], "is not a number"),
+    (["--heads", "0"], "--heads: Input should be greater than 0 (got 0.0)"),
+    (["--heads", "1.0"], "--heads: Input should be less than 1 (got 1.0)"),
+    (["--ffn", "-0.2"], "--ffn: Input should be greater than 0 (got -0.2)"),
+    (["--heads", "half"], "Invalid value for '--heads': Input should be a valid number"),
     (["--heads", "0.9"], "would remove all 4 heads of each layer"),
     (["--channels", "0.5"], "--channels is for CNNs"),
-    (["--heads", "0.5", "--importance", "gradient"], "gradient importance needs a data sample"),
+    (["--heads", "0.5", "--importance", "gradient"], "--importance 'gradient' needs data"),
     (["--drop-layers", "0,1"], "would remove all 2 layers"),
-    (["--heads", "0.5", "--recover-epochs", "2"], "recovery fine-tuning needs data"),
-    (["--target-latency", "1.5"], "between 0 and 1"),
+    (["--heads", "0.5", "--recover-epochs", "2"], "--recover-epochs needs data"),
+    (["--target-latency", "1.5"], "--target-latency: Input should be less than 1"),
     (["--target-params", "0.5", "--heads", "0.5"], "give either a target or ratios"),
 ]
 
