@@ -9,7 +9,7 @@ from typing import Any
 from deployopt.benchmark import BenchResult
 from deployopt.config import make_config
 from deployopt.events import Event
-from deployopt.run import OptimizeResult, Runner
+from deployopt.runner import OptimizeResult, Runner
 from deployopt.sources import load_source
 
 
@@ -55,7 +55,7 @@ def optimize(
     Raises :class:`~deployopt.errors.NoViableVariantError` when the run ships nothing (no
     variant passed its checks, or none meets the constraints), as the CLI exits 6; it is
     raised after the manifest and the reports are written, with the
-    :class:`~deployopt.run.OptimizeResult` as its ``result`` (variants, ``choice.rejected``
+    :class:`~deployopt.runner.OptimizeResult` as its ``result`` (variants, ``choice.rejected``
     with each reason, ``reports``). It is decided before ``best.onnx`` is written, so a failed
     run never leaves one behind. The output folder is checked before any work (a file, not
     writable, overlapping the input).

@@ -23,6 +23,7 @@ from deployopt import errors
 from deployopt import flags as fl
 from deployopt.config import OptimizeConfig
 from deployopt.display import console, err_console, styled
+from deployopt.judge import GATE_HELP
 from deployopt.options import (
     PACKAGED,
     BenchOptions,
@@ -231,27 +232,11 @@ def _gate(given, model: Path | None, out, print_recipe, sets) -> None:
     sys.exit(result.verdict.exit_code)
 
 
-GATE_EPILOG = (
-    "Verdicts and exit codes: 0 PASS; 1 FAIL (a limit broken with confidence); "
-    "3 INCONCLUSIVE (the confidence interval straddles a limit: the machine was too noisy to "
-    "decide); 4 INVALID (EP fallback, crash, timeout, too few samples for the percentile, a "
-    "result from another target); 2 usage error. The worst check decides: FAIL > INVALID > "
-    "INCONCLUSIVE > PASS.\n\n"
-    "Examples:\n\n"
-    "  deployopt gate out/best.onnx --p50-ms 12 --p99-ms 30 --target cpu --junit gate.xml\n\n"
-    "  deployopt gate --report out/report.json --budget budgets.toml\n\n"
-    "  deployopt gate new.onnx --baseline old.onnx --max-slowdown 5%\n\n"
-    "  deployopt gate new.onnx --baseline last-pass --target cpu-1t\n\n"
-    "  deployopt gate out/ --budget budgets.toml  # out/best.onnx under out/best.session.json\n\n"
-    "Budget file: [[budgets]] tables with target, batch, seq (or shape = { x = [1, 16] }), "
-    "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine (mean cosine), "
-    "min_min_cosine (the worst sample's cosine); [targets.NAME] tables as in --config."
-)
 fl.command(
     app, "gate", [fl.params("gate", GateOptions)],
     [_arg("model", Path | None, "The .onnx model to measure and judge now, or an optimize "
           "output folder (its best.onnx under its best.session.json).", None), *COMMON],
-    _gate, epilog=GATE_EPILOG,
+    _gate, epilog=GATE_HELP,
 )  # fmt: skip
 
 
@@ -465,9 +450,10 @@ def main(argv: list[str] | None = None) -> None:
     except errors.DeployoptError as e:
         if _state["verbose"]:
             traceback.print_exc()
-        err_console.print(styled("error:", "bold red", f" {e.message}"), highlight=False)
+        # soft_wrap: a long path is never broken across lines (CI logs are searched for it)
+        err_console.print(styled("error:", "bold red", f" {e.message}"), soft_wrap=True)
         if e.hint:
-            err_console.print(styled("hint:", "bold", f" {e.hint}"), highlight=False)
+            err_console.print(styled("hint:", "bold", f" {e.hint}"), soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         rc = 130

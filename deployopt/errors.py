@@ -95,7 +95,7 @@ class ParityError(StageError):
 class NoViableVariantError(DeployoptError):
     """No variant met the constraints.
 
-    ``result``: the run's :class:`~deployopt.run.OptimizeResult` (variants, choice with every
+    ``result``: the run's :class:`~deployopt.runner.OptimizeResult` (variants, choice with every
     rejection, reports) when ``deployopt.optimize`` raises it, else None.
     """
 

@@ -81,7 +81,7 @@ def cosine_to_reference(
     from deployopt.config import make_config
     from deployopt.inputs import specs_from_onnx
     from deployopt.parity import EXACT, compare
-    from deployopt.run import build_data
+    from deployopt.runner import build_data
     from deployopt.runtime.session import model_outputs
     from deployopt.runtime.worker import run_in_worker
     from deployopt.sources import load_source

@@ -44,6 +44,24 @@ from deployopt.errors import (
 )
 from deployopt.stats import Ratio, min_samples_for, quantile_ci
 
+# `deployopt gate --help` epilog: the verdicts, their exit codes and the budget file
+GATE_HELP = (
+    "Verdicts and exit codes: 0 PASS; 1 FAIL (a limit broken with confidence); "
+    "3 INCONCLUSIVE (the confidence interval straddles a limit: the machine was too noisy to "
+    "decide); 4 INVALID (EP fallback, crash, timeout, too few samples for the percentile, a "
+    "result from another target); 2 usage error. The worst check decides: FAIL > INVALID > "
+    "INCONCLUSIVE > PASS.\n\n"
+    "Examples:\n\n"
+    "  deployopt gate out/best.onnx --p50-ms 12 --p99-ms 30 --target cpu --junit gate.xml\n\n"
+    "  deployopt gate --report out/report.json --budget budgets.toml\n\n"
+    "  deployopt gate new.onnx --baseline old.onnx --max-slowdown 5%\n\n"
+    "  deployopt gate new.onnx --baseline last-pass --target cpu-1t\n\n"
+    "  deployopt gate out/ --budget budgets.toml  # out/best.onnx under out/best.session.json\n\n"
+    "Budget file: [[budgets]] tables with target, batch, seq (or shape = { x = [1, 16] }), "
+    "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine (mean cosine), "
+    "min_min_cosine (the worst sample's cosine); [targets.NAME] tables as in --config."
+)
+
 
 class Verdict(enum.StrEnum):
     PASS = "PASS"

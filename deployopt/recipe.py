@@ -145,16 +145,18 @@ def check_keys(data: dict[str, Any], where: str) -> None:
     """Unknown tables or keys as a ConfigError with the closest known key."""
     for key, value in data.items():
         if key not in TOP_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}", hint=_suggest(key, TOP_KEYS))
+            raise ConfigError(f"{_prefix(where)}unknown key {key!r}", hint=_suggest(key, TOP_KEYS))
         model = SourceOptions if key == "source" else STAGE_TABLES.get(key)
         if model is None:
             continue
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: [{key}] must be a table, not {value!r}")
+            raise ConfigError(f"{_prefix(where)}[{key}] must be a table, not {value!r}")
         known = list(keys_of(model))
         for k in value:
             if k not in known:
-                raise ConfigError(f"{where}: [{key}] unknown key {k!r}", hint=_suggest(k, known))
+                raise ConfigError(
+                    f"{_prefix(where)}[{key}] unknown key {k!r}", hint=_suggest(k, known)
+                )
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def validate(data: dict[str, Any], where: str) -> Recipe:
     name = data.get("preset")
     if name is not None:
         if name not in PRESETS:
-            raise ConfigError(f"{where}: unknown preset {name!r}",
+            raise ConfigError(f"{_prefix(where)}unknown preset {name!r}",
                               hint="presets: " + ", ".join(PRESETS))  # fmt: skip
         data = merge(PRESETS[name], data)
     try:
@@ -257,18 +259,26 @@ def validate(data: dict[str, Any], where: str) -> Recipe:
             raise ConfigError(f"{flag}: {first_error(rest)}") from None
         table = f"[{loc[0]}] " if len(loc) > 1 else ""
         rest = ValidationError.from_exception_data(e.title, [{**err, "loc": tuple(loc[1:])}])
-        raise ConfigError(f"{where}: {table}{first_error(rest)}") from None
+        raise ConfigError(f"{_prefix(where)}{table}{first_error(rest)}") from None
     if not recipe.stages():
-        raise ConfigError(f"{where}: nothing to do",
+        raise ConfigError(f"{_prefix(where)}nothing to do",
                           hint="add an [optimize], [bench] or [gate] table")  # fmt: skip
-    if recipe.source is None and not (recipe.stages() == ["gate"] and recipe.gate.report):
-        raise ConfigError(f"{where}: no [source] table", hint="add [source] with path = MODEL")
+    if recipe.source is None and recipe.stages() != ["gate"]:  # gate may judge a report
+        raise ConfigError(
+            f"{_prefix(where)}no [source] table", hint="add [source] with path = MODEL"
+        )
     check_data(recipe, where)
     return recipe
 
 
 def check_data(recipe: Recipe, where: str) -> None:
     """Before any work: the files a stage reads exist, and a stage has the data it needs."""
+    if recipe.gate is not None and recipe.gate.report is not None and recipe.source is not None:
+        raise ConfigError(
+            f"{_prefix(where)}give either MODEL.onnx (measured now) or --report REPORT.json"
+            if where == FLAGS
+            else f"{_prefix(where)}[gate] report judges recorded results: drop [source] or it",
+        )
     eq = "" if where == FLAGS else " ="
     for table in ("source", *recipe.stages()):
         body = getattr(recipe, table)
@@ -303,21 +313,41 @@ def check_data(recipe: Recipe, where: str) -> None:
     torch_stages = [s for s in ("distill", "prune") if getattr(recipe, s) is not None]
     if onnx_in and torch_stages:
         raise ConfigError(
-            f"{where}: [{torch_stages[0]}] needs a PyTorch model, the source is an .onnx file",
+            f"{_prefix(where)}[{torch_stages[0]}] needs a PyTorch model, the source is .onnx",
             hint="give the HF folder or factory as [source] path",
         )
     needs_onnx = [s for s in ("bench", "gate") if getattr(recipe, s) is not None]
-    if needs_onnx and recipe.optimize is None and not onnx_in:
+    torch_out = bool(torch_stages) or (recipe.source is not None and _is_torch(recipe.source.path))
+    if needs_onnx and recipe.optimize is None and torch_out:
         raise ConfigError(
-            f"{where}: [{needs_onnx[0]}] measures an ONNX model",
+            f"{_prefix(where)}[{needs_onnx[0]}] measures an ONNX model",
             hint="add an [optimize] table, or give an .onnx file as [source] path",
+        )
+    if recipe.gate is not None and recipe.source is None and recipe.gate.report is None:
+        raise ConfigError(
+            f"{_prefix(where)}give either MODEL.onnx (measured now) or --report REPORT.json"
+            if where == FLAGS
+            else f"{_prefix(where)}[gate] has no model: add [source] or report",
         )
     if recipe.gate is not None and recipe.gate.report is None and not recipe.gate.limits() \
             and recipe.gate.budget is None and recipe.gate.baseline is None:  # fmt: skip
         raise ConfigError(
-            f"{where}: [gate] has nothing to judge",
+            f"{_prefix(where)}[gate] has nothing to judge",
             hint="give budget, a limit (p50_ms, max_size_mb, ...) or baseline",
         )
+
+
+def _prefix(where: str) -> str:
+    """How a message starts: the recipe file, or nothing for a command's flags."""
+    return "" if where == FLAGS else f"{where}: "
+
+
+def _is_torch(path: str) -> bool:
+    """A source that is surely a PyTorch model: the bundled name or a factory (a folder may
+    be an optimize output holding best.onnx: its loader decides)."""
+    from deployopt.sources import BUNDLED
+
+    return path in BUNDLED or (":" in path and not Path(path).exists())
 
 
 def _at(where: str, table: str, key: str) -> str:

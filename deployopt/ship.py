@@ -18,7 +18,7 @@ from deployopt.benchmark import BenchSpec, bench_models, fingerprint
 from deployopt.config import OptimizeConfig
 from deployopt.events import Event, Shipped
 from deployopt.presets import BEST_MODEL, BEST_SESSION, Target, resolve_target
-from deployopt.run import OptimizeResult, manifest_entry
+from deployopt.runner import OptimizeResult, manifest_entry
 from deployopt.select import Candidate, Choice, Constraints, choose
 from deployopt.stages.base import EXTERNAL_DATA_FILE
 from deployopt.workspace import TMP_PREFIX, atomic_path, write_json

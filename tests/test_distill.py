@@ -291,7 +291,7 @@ def test_cli_distill_then_optimize_takes_the_student(tiny_bert_dir, tmp_path):
         (["--loss", "bogus"], "unknown loss(es) bogus"),
         (["--loss", "kd"], "a sentence encoder has no logits"),
         (["--student-layers", "0,7"], "out of range (the teacher has layers 0-1)"),
-        (["--student-size", "layers=x"], "bad --student-size part 'layers=x'"),
+        (["--student-size", "layers=x"], "--student-size: bad part 'layers=x'"),
     ]:
         r = run_cli(
             *["distill", "--teacher", str(tiny_bert_dir), "--data", str(data)],
@@ -300,7 +300,7 @@ def test_cli_distill_then_optimize_takes_the_student(tiny_bert_dir, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert text in flat(r.stderr) and "Traceback" not in r.stderr
     r = run_cli("distill", "--teacher", str(tiny_bert_dir), "--data", "nope.csv", "-o", "x")
-    assert r.returncode == 2 and "nope.csv: no such data file or folder" in flat(r.stderr)
+    assert r.returncode == 2 and "--data 'nope.csv': no such file" in flat(r.stderr)
 
 
 def test_smaller_config_student_and_projection(tiny_bert_dir, tmp_path):

@@ -56,7 +56,7 @@ def test_report_judged_and_inconclusive_inside_the_ci(report):
         (["--p50-ms", "100", "--variant", "nope"], 2, "no variant 'nope'"),
         (["--baseline", "x.onnx"], 2, "--baseline needs a model measured now"),
         ([], 2, "nothing to judge"),
-        (["--p50-ms", "-3"], 2, "p50_ms: Input should be greater than 0"),
+        (["--p50-ms", "-3"], 2, "--p50-ms: Input should be greater than 0"),
     ],
 )
 def test_exit_codes(report, args, code, text):
@@ -69,9 +69,9 @@ def test_exit_codes(report, args, code, text):
 def test_usage_errors_without_a_report(tmp_path):
     for args, text in [
         ([], "give either MODEL.onnx"),
-        (["--budget", str(tmp_path / "none.toml"), "--report", "r.json"], "no such budget file"),
+        (["--budget", str(tmp_path / "none.toml"), "--report", "r.json"], "none.toml': no such file"),
         (["m.onnx", "--report", "r.json", "--p50-ms", "1"], "give either MODEL.onnx"),
-        (["--report", str(tmp_path / "r.json"), "--p50-ms", "1"], "no such report"),
+        (["--report", str(tmp_path / "r.json"), "--p50-ms", "1"], "r.json': no such file"),
     ]:
         r = run_cli("gate", "--no-history", *args)
         assert r.returncode == 2, (args, r.stderr)

@@ -133,3 +133,23 @@ def test_the_cli_prints_one_line_per_stage(tmp_path):
                                 "gate": {"max_size_mb": 1e-6, "no_history": True}}))  # fmt: skip
     r = run_cli("run", str(p), "-o", str(tmp_path / "out"))
     assert r.returncode == 1 and "gate: FAIL" in r.stderr, r.stderr
+
+
+def test_the_api_runs_a_recipe_file_as_the_cli_does(tmp_path):
+    import tomli_w
+
+    import deployopt
+    from tests.models import tiny_onnx_model
+
+    onnx.save(tiny_onnx_model(), str(tmp_path / "tiny.onnx"))
+    p = tmp_path / "recipe.toml"
+    p.write_text(tomli_w.dumps({"source": {"path": "tiny.onnx"},
+                                "gate": {"max_size_mb": 1e-6, "no_history": True}}))  # fmt: skip
+    res = deployopt.run(p, tmp_path / "out")
+    assert res.verdict == "FAIL" and res.exit_code == 1  # returned, as the CLI exits 1
+    assert res.by_stage("gate").status == "done"
+    again = deployopt.run(p, tmp_path / "out", sets=["gate.max_size_mb=10"])
+    assert again.verdict == "PASS" and again.exit_code == 0
+    assert again.stages[0].id != res.stages[0].id
+    doc = json.loads(res.report.read_text())
+    assert doc["schema"] == "deployopt.run/1" and doc["verdict"] == "PASS"  # the latest run's

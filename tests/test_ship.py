@@ -9,7 +9,7 @@ import jsonschema
 from deployopt import report, ship
 from deployopt.benchmark import BenchResult, LatencyStats
 from deployopt.config import make_config
-from deployopt.run import OptimizeResult
+from deployopt.runner import OptimizeResult
 from deployopt.variant import Variant
 
 FAST = {"bench_min_samples": 5, "bench_min_seconds": 0.0, "bench_rounds": 1}

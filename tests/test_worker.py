@@ -55,7 +55,7 @@ def test_crashing_variant_fails_and_the_run_goes_on(tmp_path, monkeypatch):
     from tests.models import optimize_only
 
     # spawned children import modules fresh: the crash lives in an importable function
-    monkeypatch.setattr("deployopt.run.Runner._outputs", _patched_outputs)
+    monkeypatch.setattr("deployopt.runner.Runner._outputs", _patched_outputs)
     res = optimize_only(
         "tests.models:mlp", tmp_path, input_shapes={"x": (1, 16)}, variants=["fuse", "int8-dynamic"]
     )
