@@ -69,7 +69,10 @@ def test_exit_codes(report, args, code, text):
 def test_usage_errors_without_a_report(tmp_path):
     for args, text in [
         ([], "give either MODEL.onnx"),
-        (["--budget", str(tmp_path / "none.toml"), "--report", "r.json"], "none.toml': no such file"),
+        (
+            ["--budget", str(tmp_path / "none.toml"), "--report", "r.json"],
+            "none.toml': no such file",
+        ),
         (["m.onnx", "--report", "r.json", "--p50-ms", "1"], "give either MODEL.onnx"),
         (["--report", str(tmp_path / "r.json"), "--p50-ms", "1"], "r.json': no such file"),
     ]:

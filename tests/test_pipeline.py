@@ -87,7 +87,9 @@ def test_a_failing_stage_stops_the_run_and_keeps_what_was_done(tmp_path):
         pipeline.run(rc.from_dict(data), out, on_event=seen.append)
     assert _kinds(seen) == {"prune": "done", "optimize": "failed"}
     report = json.loads((out / "report.json").read_text())
-    assert report["stopped_at"] == "optimize" and "max_size_mb" in report["error"] or report["error"]
+    assert (
+        report["stopped_at"] == "optimize" and "max_size_mb" in report["error"] or report["error"]
+    )
     assert [s["status"] for s in report["lineage"]] == ["done", "failed", "not run"]
     assert not (out / "best.onnx").exists()
     # fixed: the finished prune is reused

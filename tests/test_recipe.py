@@ -63,7 +63,11 @@ def test_every_field_has_a_flag_and_every_flag_a_field(name):
 
 def test_a_default_is_declared_once_and_shown_in_help():
     # the measurement defaults come from one constant each
-    assert OptimizeConfig().bench_min_samples == BenchOptions().min_samples == GateOptions().min_samples
+    assert (
+        OptimizeConfig().bench_min_samples
+        == BenchOptions().min_samples
+        == GateOptions().min_samples
+    )
     assert OptimizeConfig().bench_rounds == BenchOptions().rounds == GateOptions().rounds
     p = {p.name: p for p in _click("optimize").params}
     assert "[default: 0.99]" in p["min_cosine"].help and ">= -1" in p["min_cosine"].help
