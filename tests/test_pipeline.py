@@ -155,3 +155,20 @@ def test_the_api_runs_a_recipe_file_as_the_cli_does(tmp_path):
     assert again.stages[0].id != res.stages[0].id
     doc = json.loads(res.report.read_text())
     assert doc["schema"] == "deployopt.run/1" and doc["verdict"] == "PASS"  # the latest run's
+
+
+def test_a_killed_run_resumes_inside_the_stage_it_stopped_in(tmp_path):
+    out = tmp_path / "out"
+
+    def kill_after_first_variant(e):
+        if isinstance(e, ev.VariantFinished) and e.status == "ok":
+            raise KeyboardInterrupt  # as a Ctrl-C in the middle of optimize
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(rc.from_dict(BASE), out, on_event=kill_after_first_variant)
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_at"] == "optimize"
+    _, seen = _run(BASE, out)
+    assert _kinds(seen) == {"prune": "cached", "optimize": "done", "gate": "done"}
+    finished = [e for e in seen if isinstance(e, ev.VariantFinished)]
+    assert finished[0].status == "reused"  # the variant built before the kill is not rebuilt
