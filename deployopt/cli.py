@@ -76,11 +76,12 @@ COMMON = [
         "sets",
         Annotated[
             list[str] | None,
-            typer.Option("--set", help="Override one recipe value: TABLE.KEY=VALUE (repeatable)."),
+            typer.Option(
+                "--set", metavar="TABLE.KEY=VALUE", help="Override one recipe value (repeatable)."
+            ),
         ],
     ),  # fmt: skip
 ]
-COMMON_FLAGS = ("--out", "--print-recipe", "--set")
 
 
 @app.callback()
@@ -343,7 +344,9 @@ def run(
     ] = None,  # fmt: skip
     sets: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override one recipe value: TABLE.KEY=VALUE (repeatable)."),
+        typer.Option(
+            "--set", metavar="TABLE.KEY=VALUE", help="Override one recipe value (repeatable)."
+        ),
     ] = None,  # fmt: skip
     print_recipe: Annotated[
         bool,

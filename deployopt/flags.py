@@ -60,6 +60,15 @@ def cli_type(field: FieldInfo) -> Any:
     return str
 
 
+def _base(field: FieldInfo) -> Any:
+    """A field's type without None."""
+    ann = field.annotation
+    if _is_union(ann):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args[0] if len(args) == 1 else ann
+    return ann
+
+
 def _is_union(ann: Any) -> bool:
     return typing.get_origin(ann) in (typing.Union, types.UnionType)
 
@@ -104,7 +113,10 @@ def params(
     """typer parameters for every field of ``model`` except ``skip``; ``rename`` gives a field
     another flag (``{"path": "--teacher"}``)."""
     out, flags = [], []
-    for name, field in model.model_fields.items():
+    own = [n for n in model.__annotations__ if n in model.model_fields]
+    order = own + [n for n in model.model_fields if n not in own]  # the command's own first
+    for name in order:
+        field = model.model_fields[name]
         if name in skip:
             continue
         decl = (rename or {}).get(name) or flag_of(name, field)
@@ -112,9 +124,13 @@ def params(
         shown = _shown_default(field)
         help_text = (field.description or "") + _bounds(field)
         help_text += f" [default: {shown}]" if shown else ""
+        metavar = "NAME=DIMS" if _extra(field, "repeat") else None
+        if typ is str and typing.get_origin(_base(field)) in (tuple, list):
+            metavar = "A,B,..."
         option = typer.Option(
             decl,
             help=help_text,
+            metavar=metavar,
             show_default=False,
             rich_help_panel=_extra(field, "panel"),
         )
