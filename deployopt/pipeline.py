@@ -103,7 +103,25 @@ def _data_hash(value: Any) -> str:
         from deployopt.sources import bundled_path
 
         return content_hash(bundled_path("minilm"))
+    module = _factory_file(str(value))
+    if module is not None:  # pkg.mod:factory: an edit of the module's code is a new model
+        return f"factory:{value}:{sha256_file(module)}"
     return f"name:{value}"
+
+
+def _factory_file(value: str) -> Path | None:
+    """The source file of ``pkg.mod`` in ``pkg.mod:factory``, found without running it."""
+    mod, sep, attr = value.partition(":")
+    if not sep or not mod or not attr:
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
 
 
 def _hash(obj: Any) -> str:

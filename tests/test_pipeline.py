@@ -172,3 +172,14 @@ def test_a_killed_run_resumes_inside_the_stage_it_stopped_in(tmp_path):
     assert _kinds(seen) == {"prune": "cached", "optimize": "done", "gate": "done"}
     finished = [e for e in seen if isinstance(e, ev.VariantFinished)]
     assert finished[0].status == "reused"  # the variant built before the kill is not rebuilt
+
+
+def test_a_factory_s_code_is_part_of_the_source_id(tmp_path, monkeypatch):
+    pkg = tmp_path / "mymodels.py"
+    pkg.write_text("def make():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = {"source": {"path": "mymodels:make"}, "optimize": {}}
+    before, _ = pipeline.plan(rc.from_dict(d))
+    pkg.write_text("def make():\n    return 1\n")
+    after, _ = pipeline.plan(rc.from_dict(d))
+    assert before != after
