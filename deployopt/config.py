@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -139,6 +140,20 @@ class OptimizeConfig(Options):
         CALIBRATION_SAMPLES, "Most samples used to calibrate static INT8.", ge=1, le=4096
     )
     eval_samples: int | None = opt(None, "Most evaluation samples (default: all).", ge=1)
+    labels_column: str | None = opt(
+        None,
+        "Label column/field of .csv/.jsonl evaluation data (an array of an .npz; 'folder' for "
+        "an image folder laid out FOLDER/<class>/<image>): task metrics (accuracy, macro-F1, "
+        "kNN accuracy, Spearman) are measured for every variant and --max-accuracy-drop judges "
+        "them. Labels are class indexes, or class names (config.json's id2label, else sorted).",
+    )
+    text_column: str = opt("text", "Text column/field of .csv/.jsonl data.")
+    text_pair_column: str | None = opt(
+        None,
+        "Second text column/field of .csv/.jsonl data (sentence pairs): a classifier reads the "
+        "two together; a sentence encoder embeds each, and with a float label (a similarity "
+        "score) is judged by the Spearman correlation of the pair's cosine with it.",
+    )
     max_length: int = opt(128, "Token limit for text data.", ge=8, le=8192)
     batch_size: int = opt(8, "Samples per batch of the parity and calibration data.", ge=1,
                           le=1024)  # fmt: skip
@@ -226,8 +241,11 @@ class OptimizeConfig(Options):
         ge=-1, le=1, panel=BENCH,
     )  # fmt: skip
     max_accuracy_drop: float | None = opt(
-        None, "Most task-metric drop (points) allowed vs the original.", ge=0, panel=BENCH
-    )
+        None,
+        "Most task-metric drop allowed vs the original, in points (0.5 = half a percentage "
+        "point of accuracy); needs --labels-column.",
+        ge=0, panel=BENCH,
+    )  # fmt: skip
     max_size_mb: float | None = opt(None, "Largest file size (MB) allowed.", gt=0, panel=BENCH)
     max_latency_ms: float | None = opt(
         None, "Latency budget (ms) on --metric at the first batch size.", gt=0, panel=BENCH
@@ -264,6 +282,25 @@ class OptimizeConfig(Options):
     def _per_channel(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if v is not None and len(v) not in (1, 3, 4):
             raise ValueError("give 1 value (all channels) or one per channel (3, or 4)")
+        return v
+
+    @field_validator("labels_column", "text_pair_column")
+    @classmethod
+    def _needs_eval(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("evaluation") is None:
+            raise ValueError(
+                "needs labelled evaluation data: give --eval FILE.csv/.jsonl (or an image folder)"
+            )
+        return v
+
+    @field_validator("max_accuracy_drop")
+    @classmethod
+    def _needs_labels(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("labels_column") is None:
+            raise ValueError(
+                "needs task metrics, measured on labelled evaluation data: give --labels-column "
+                "with --eval"
+            )
         return v
 
     @field_validator("variants")

@@ -122,6 +122,10 @@ def print_table(result) -> None:
 
     t = Table(title=f"deployopt: {result.out_dir}")
     cols = ["variant", "status", "size MB", "mean cos", "min cos", "max |diff|"]
+    metric = next((v.metrics["task.metric"] for v in result.variants
+                   if "task.metric" in v.metrics), None)  # fmt: skip
+    if metric:  # --labels-column: the task metric (points) and its drop vs the original
+        cols += [metric, "drop"]
     if result.bench:
         cols += ["p50 ms", "p99 ms", "items/s"]
     for col in cols:
@@ -145,6 +149,9 @@ def print_table(result) -> None:
             f"{p['min_cosine']:.5f}" if p else "-",
             f"{p['max_abs_diff']:.2e}" if p else "-",
         ]
+        if metric:
+            m, drop = v.metrics.get(f"task.{metric}"), v.metrics.get("accuracy_drop")
+            row += [f"{x:.2f}" if x is not None else "-" for x in (m, drop)]
         if result.bench:
             b = (result.bench.get(v.name) or [None])[0]
             s = b.stats if b is not None else None

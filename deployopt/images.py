@@ -287,6 +287,46 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
+def class_folders(folder: Path) -> list[str]:
+    """The class names of ``FOLDER/<class>/<image>``: its subfolders that hold images (at any
+    depth), sorted. A DataError when images lie directly in it or it has no such subfolder."""
+    folder = Path(folder)
+    files = image_files(folder)
+    loose = [f for f in files if f.parent == folder]
+    if loose:
+        raise DataError(
+            f"{folder}: {len(loose)} images lie outside class folders (e.g. {loose[0].name}), "
+            "so they have no label",
+            hint="lay out labelled images as FOLDER/<class>/<image>",
+        )
+    classes = sorted({f.relative_to(folder).parts[0] for f in files})
+    if not classes:
+        raise DataError(
+            f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)})",
+            hint="lay out labelled images as FOLDER/<class>/<image>",
+        )
+    return classes
+
+
+def labelled_files(folder: Path, limit: int | None) -> tuple[list[Path], list[str]]:
+    """The images of ``FOLDER/<class>/<image>`` taken class by class in turn (the first of
+    each class, then the second, ...), so that a ``limit`` keeps every class; and each one's
+    class name (its top subfolder)."""
+    folder = Path(folder)
+    classes = class_folders(folder)
+    by_class = {c: image_files(folder / c) for c in classes}
+    files: list[Path] = []
+    labels: list[str] = []
+    for i in range(max(len(v) for v in by_class.values())):
+        for c in classes:
+            if i < len(by_class[c]):
+                files.append(by_class[c][i])
+                labels.append(c)
+    if limit:
+        files, labels = files[:limit], labels[:limit]
+    return files, labels
+
+
 def read_images(
     folder: Path,
     specs: Sequence[InputSpec],
@@ -294,10 +334,13 @@ def read_images(
     batch_size: int,
     limit: int,
     norm: Normalization,
+    labelled: bool = False,
 ) -> tuple[list[Batch], str]:
     """Batches from a folder of images (searched recursively) for a one-input image model:
     each image converted to RGB (or grayscale for one channel), resized to the input's size and
-    normalised. Returns the batches and a description for the report."""
+    normalised. Returns the batches and a description for the report. ``labelled``: the folder
+    is ``FOLDER/<class>/<image>`` and the images are taken class by class in turn
+    (:func:`labelled_files`, whose order the labels follow)."""
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
@@ -314,7 +357,7 @@ def read_images(
     w = spec.shape[w_axis] if isinstance(spec.shape[w_axis], int) else dims.get(spec.shape[w_axis])
     if not h or not w:  # pragma: no cover - resolve_dims settles them first
         raise DataError(f"{folder}: the image size of {spec.name} is not known")
-    files = image_files(folder)[:limit]
+    files = labelled_files(folder, limit)[0] if labelled else image_files(folder)[:limit]
     if not files:
         raise DataError(
             f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)})",
@@ -342,5 +385,6 @@ def read_images(
         arrays.append(a.transpose(2, 0, 1) if lay.channel_axis == 1 else a)
     x = np.stack(arrays).astype(spec.dtype)
     batches = [{spec.name: x[i : i + batch_size]} for i in range(0, len(x), batch_size)]
-    desc = f"{folder} ({len(files)} images, resized to {h}x{w}, {norm.describe()})"
+    classes = f", {len(class_folders(folder))} class folders taken in turn" if labelled else ""
+    desc = f"{folder} ({len(files)} images{classes}, resized to {h}x{w}, {norm.describe()})"
     return batches, desc

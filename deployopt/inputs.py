@@ -112,19 +112,23 @@ def text_batches(
     max_length: int,
     warn: Callable[[str], None] | None = None,
     source: str = "the texts",
+    pairs: Sequence[str] | None = None,
 ) -> list[Batch]:
     """Tokenize real sentences into batches padded to each batch's longest sentence; texts
     over ``max_length`` tokens are truncated, and ``warn`` (when given) is told so once, with
-    how many and the limit (:func:`truncation_note`)."""
+    how many and the limit (:func:`truncation_note`). ``pairs``: a second text for each, the
+    two encoded together as one sample (a cross-encoder's sentence pair)."""
     if warn is not None:
-        note = truncation_note(tokenizer, texts, max_length, source)
+        note = truncation_note(tokenizer, texts, max_length, source, pairs)
         if note:
             warn(note)
     wanted = {s.name: np.dtype(s.dtype) for s in specs}
     batches = []
     for start in range(0, len(texts), batch_size):
+        second = list(pairs[start : start + batch_size]) if pairs is not None else None
         enc = tokenizer(
             list(texts[start : start + batch_size]),
+            second,
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -143,11 +147,16 @@ def text_batches(
 
 
 def truncation_note(
-    tokenizer: Any, texts: Sequence[str], max_length: int, source: str = "the texts"
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    source: str = "the texts",
+    pairs: Sequence[str] | None = None,
 ) -> str | None:
-    """One line saying how many of ``texts`` are longer than ``max_length`` tokens (special
-    tokens included) and so are cut, or None when none is."""
-    enc = tokenizer(list(texts), truncation=False, verbose=False)  # no per-text warning
+    """One line saying how many of ``texts`` (with their ``pairs``) are longer than
+    ``max_length`` tokens (special tokens included) and so are cut, or None when none is."""
+    second = list(pairs) if pairs is not None else None
+    enc = tokenizer(list(texts), second, truncation=False, verbose=False)  # no per-text warning
     lengths = [len(ids) for ids in enc["input_ids"]]
     over = [n for n in lengths if n > max_length]
     if not over:
@@ -210,9 +219,9 @@ def vocab_size(model_path: Path, input_name: str = "input_ids") -> int | None:
 _ID_PASSTHROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
 
 
-def read_texts(path: Path, limit: int | None = None) -> list[str]:
-    """Read text examples: one a line (.txt), a ``text`` field (.jsonl) or column (.csv)."""
-    texts, _ = read_examples(path)
+def read_texts(path: Path, limit: int | None = None, text_column: str = "text") -> list[str]:
+    """Read text examples: one a line (.txt), a ``text_column`` field (.jsonl) or column (.csv)."""
+    texts = read_labelled(path, text_column).texts
     return texts[:limit] if limit else texts
 
 
@@ -221,15 +230,50 @@ def read_examples(
 ) -> tuple[list[str], list[str] | None]:
     """Text examples and, with ``label_column``, their labels: one example a line (.txt, no
     labels), one JSON object a line (.jsonl) or a CSV with a header. Errors name the line."""
+    ex = read_labelled(path, text_column, label_column)
+    return ex.texts, ex.labels
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Text examples read from a file, in file order: ``pairs`` (the second text of each, for
+    sentence pairs) and ``labels`` are None when not asked for."""
+
+    texts: list[str]
+    pairs: list[str] | None = None
+    labels: list[str] | None = None
+
+    def head(self, limit: int | None) -> Examples:
+        """The first ``limit`` examples (all when None)."""
+        if not limit:
+            return self
+        cut = slice(0, limit)
+        return Examples(
+            self.texts[cut],
+            self.pairs[cut] if self.pairs is not None else None,
+            self.labels[cut] if self.labels is not None else None,
+        )
+
+
+def read_labelled(
+    path: Path,
+    text_column: str = "text",
+    label_column: str | None = None,
+    pair_column: str | None = None,
+) -> Examples:
+    """Text examples with, when asked, a second text (``pair_column``) and a label
+    (``label_column``) each: one example a line (.txt: texts only), one JSON object a line
+    (.jsonl) or a CSV with a header (rows with an empty text are skipped). A missing column
+    is a DataError naming the file and listing the columns it has; errors name the line."""
     import csv
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file", hint="give an existing file path")
     suffix = path.suffix.lower()
-    texts: list[str] = []
-    labels: list[str] = []
-    want = [text_column] + ([label_column] if label_column else [])
+    extra = [k for k in (pair_column, label_column) if k]
+    want = [text_column, *extra]
+    rows: list[list[str]] = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if suffix == ".jsonl":
@@ -238,23 +282,27 @@ def read_examples(
                         continue
                     try:
                         rec = json.loads(line)
-                        vals = [rec[k] for k in want]
-                    except (json.JSONDecodeError, KeyError, TypeError):
+                    except json.JSONDecodeError:
+                        rec = None
+                    if not isinstance(rec, dict) or any(k not in rec for k in want):
+                        has = sorted(rec) if isinstance(rec, dict) else []
                         raise DataError(
                             f"{path}:{lineno}: not a JSON object with "
-                            + " and ".join(repr(k) for k in want),
+                            + " and ".join(repr(k) for k in want)
+                            + (f" (fields: {', '.join(map(str, has))})" if has else ""),
                             hint=f'write one object a line, e.g. {{"{text_column}": "a sentence"}}',
-                        ) from None
-                    texts.append(str(vals[0]))
-                    if label_column:
-                        labels.append(str(vals[1]))
+                        )
+                    rows.append([str(rec[k]) for k in want])
             elif suffix == ".csv":
                 reader = csv.DictReader(f)
-                missing = [k for k in want if k not in (reader.fieldnames or [])]
+                found = reader.fieldnames or []
+                missing = [k for k in want if k not in found]
                 if missing:
                     raise DataError(
-                        f"{path}: CSV has no {', '.join(repr(k) for k in missing)} column",
-                        hint=f"columns found: {', '.join(reader.fieldnames or []) or 'none'}",
+                        f"{path}: CSV has no {', '.join(repr(k) for k in missing)} column "
+                        f"(columns: {', '.join(found) or 'none'})",
+                        hint="name the columns with --text-column, --text-pair-column and "
+                        "--labels-column",
                     )
                 for row in reader:
                     if any(row.get(k) is None for k in want):
@@ -262,16 +310,16 @@ def read_examples(
                             f"{path}:{reader.line_num}: row has fewer fields than the header"
                         )
                     if row[text_column]:
-                        texts.append(row[text_column])
-                        if label_column:
-                            labels.append(row[label_column])
+                        rows.append([row[k] for k in want])
             else:
-                if label_column:
+                if extra:
                     raise DataError(
-                        f"{path}: a plain text file has no labels",
-                        hint="use .csv or .jsonl with a label column",
+                        f"{path}: a plain text file has no "
+                        + " or ".join(repr(k) for k in extra)
+                        + " column",
+                        hint="use .csv or .jsonl with a column per field",
                     )
-                texts = [ln.strip() for ln in f if ln.strip()]
+                rows = [[ln.strip()] for ln in f if ln.strip()]
     except UnicodeDecodeError as e:  # its offset is into a decoder chunk: find the line
         lineno, col, reason = first_invalid_utf8(path) or (None, e.start, e.reason)
         where = f"{path}:{lineno}" if lineno else str(path)
@@ -281,9 +329,16 @@ def read_examples(
         ) from None
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e})") from None
-    if not texts:
+    if not rows:
         raise DataError(f"{path}: no examples found", hint="the file is empty")
-    return texts, (labels if label_column else None)
+    cols = list(zip(*rows))
+    i = 1
+    pairs = labels = None
+    if pair_column:
+        pairs, i = list(cols[i]), i + 1
+    if label_column:
+        labels = list(cols[i])
+    return Examples(list(cols[0]), pairs, labels)
 
 
 def first_invalid_utf8(path: Path) -> tuple[int, int, str] | None:

@@ -165,7 +165,23 @@ def fmt_ms(x: float | None) -> str:
     return f"{x:.0f}" if x >= 100 else (f"{x:.2f}" if x >= 1 else f"{x:.4f}")
 
 
+def task_metric(report: Mapping[str, Any]) -> str | None:
+    """The primary task metric the variants were measured on (``--labels-column``), or None."""
+    return next((v["task"]["metric"] for v in report["variants"] if v.get("task")), None)
+
+
+def header(report: Mapping[str, Any]) -> list[str]:
+    """The table's columns: :data:`HEADER`, with the task metric and its drop after the
+    cosines when the variants were measured on labels."""
+    metric = task_metric(report)
+    if metric is None:
+        return list(HEADER)
+    i = HEADER.index("min cos") + 1
+    return [*HEADER[:i], metric, "drop pts", *HEADER[i:]]
+
+
 def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    metric = task_metric(report)
     rows = []
     for v in report["variants"]:
         p = v.get("parity") or {}
@@ -183,6 +199,7 @@ def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
                 _fmt(v["size_bytes"] / 1e6 if v.get("size_bytes") else None, ".3g"),
                 _fmt(p.get("mean_cosine"), ".5f"),
                 _fmt(p.get("min_cosine"), ".5f"),
+                *(_task_cells(v, metric) if metric else []),
                 fmt_ms(st.get("p50_ms")),
                 fmt_ms(st.get("p90_ms")),
                 fmt_ms(st.get("p99_ms")),
@@ -191,6 +208,28 @@ def table_rows(report: Mapping[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _task_cells(v: Mapping[str, Any], metric: str) -> list[str]:
+    t = v.get("task") or {}
+    return [_fmt(t.get(metric), ".2f"), _fmt(t.get("accuracy_drop"), ".2f")]
+
+
+def task_lines(report: Mapping[str, Any]) -> list[str]:
+    """The task metrics section of report.md: how the labels were read, then every measured
+    variant's metrics (points) and its drop vs the original."""
+    measured = [v for v in report["variants"] if v.get("task")]
+    if not measured:
+        return []
+    lines = ["", f"Task metrics (points): {(report.get('data') or {}).get('labels', '')}"]
+    for v in measured:
+        t = v["task"]
+        skip = ("metric", "samples", "accuracy_drop")
+        parts = [f"{k} {x:.2f}" for k, x in t.items() if k not in skip and isinstance(x, float)]
+        drop = t.get("accuracy_drop")
+        tail = f"; drop {drop:.2f}" if drop is not None else ""
+        lines.append(f"- {v['name']}: {', '.join(parts)}{tail}")
+    return lines
 
 
 HEADER = [
@@ -232,8 +271,10 @@ def render_md(report: Mapping[str, Any]) -> str:
         f"- versions: onnxruntime {env.get('onnxruntime', '?')}, onnx "
         f"{env.get('onnx', '?')}, torch {env.get('torch', '-')}"
     )
-    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    cols = header(report)
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    lines += task_lines(report)
     ch = report.get("choice")
     if ch:
         lines += [""]
@@ -356,7 +397,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     md = render_md(report)
     imgs = plots(report)
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header(report))
     body = "".join(
         "<tr>" + "".join(f"<td>{esc(c.replace('**', ''))}</td>" for c in r) + "</tr>"
         for r in table_rows(report)
@@ -394,7 +435,7 @@ def render_html(report: Mapping[str, Any]) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 14px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-td:nth-child(1), td:nth-child(2), td:nth-child(10) {{ text-align: left; }}
+td:nth-child(1), td:nth-child(2), td:last-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 1em; }}
 </style></head><body>
 <h1>deployopt report</h1>

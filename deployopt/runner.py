@@ -35,10 +35,11 @@ from deployopt.graphs import reorder_file
 from deployopt.hardware import CpuDescriptor, detect_cpu
 from deployopt.inputs import (
     Batch,
+    Examples,
     InputSpec,
     count_samples,
     read_arrays,
-    read_texts,
+    read_labelled,
     specs_from_onnx,
     synthetic_batches,
     text_batches,
@@ -47,6 +48,7 @@ from deployopt.parity import EXACT, Tolerance, compare
 from deployopt.preflight import check_declared_sizes, check_graph_sizes
 from deployopt.sources import OnnxSource, Source, TorchSource, read_onnx
 from deployopt.stages.base import MODEL_FILE, Context, model_files, save_model, size_bytes
+from deployopt.taskeval import entry, joint_pairs
 from deployopt.variant import STATUS_FAILED, STATUS_SKIPPED, Variant, variant_id
 from deployopt.workspace import (
     atomic_dir,
@@ -114,19 +116,24 @@ def build_data(
         limit = cfg.eval_samples if kind == "eval" else None
         if text:
             if path is None or path.suffix not in (".npz", ".npy"):
-                texts = read_texts(path, limit) if path else default_texts(kind)[:limit]
-                desc[kind] = f"{path or 'bundled ' + kind + ' sentences'} ({len(texts)} texts)"
+                ex = _texts(path, kind, limit, cfg)
+                texts, pairs = ex.texts, ex.pairs
+                if pairs is not None and not joint_pairs(source.meta):
+                    texts, pairs = texts + pairs, None  # an encoder embeds each text alone
+                what = "text pairs" if ex.pairs is not None else "texts"
+                desc[kind] = f"{path or 'bundled ' + kind + ' sentences'} ({len(ex.texts)} {what})"
                 return text_batches(
                     source.tokenizer, texts, specs, bs, cfg.max_length, warn,
                     f"the {'evaluation' if kind == 'eval' else 'calibration'} data "
-                    f"({path or 'bundled sentences'})",
+                    f"({path or 'bundled sentences'})", pairs,
                 )  # fmt: skip
         if path is not None and path.is_dir():  # a folder of images
             norm = images.normalization(
                 getattr(source, "path", None), cfg.image_mean, cfg.image_std
             )
+            labelled = kind == "eval" and cfg.labels_column is not None
             batches, desc[kind] = images.read_images(
-                path, specs, dims, bs, limit or cfg.calibration_samples, norm
+                path, specs, dims, bs, limit or cfg.calibration_samples, norm, labelled
             )
             return batches
         if path is not None:
@@ -169,6 +176,18 @@ def build_data(
     return evaluation, calibration, desc
 
 
+def _texts(path: Path | None, kind: str, limit: int | None, cfg: OptimizeConfig) -> Examples:
+    """The texts (and second texts of pairs) of ``path`` by ``--text-column`` and
+    ``--text-pair-column``; the bundled sentences when no file is given. Calibration data
+    takes pairs from .csv/.jsonl only (a .txt holds single sentences)."""
+    if path is None:
+        return Examples(default_texts(kind)[:limit])
+    pair = cfg.text_pair_column
+    if kind != "eval" and path.suffix.lower() not in (".csv", ".jsonl"):
+        pair = None
+    return read_labelled(path, cfg.text_column, None, pair).head(limit)
+
+
 class Runner:
     def __init__(
         self,
@@ -195,6 +214,8 @@ class Runner:
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []  # run-level: said once on the log, kept in the report
         self.dims: dict[str, int] = {}  # symbolic input dims settled (deployopt.images)
+        self.meter = None  # deployopt.taskeval.Meter with --labels-column, once the original ran
+        self._labelled = None  # the labels as read (deployopt.taskeval.Labelled)
 
     # ---------------------------------------------------------------- public
 
@@ -221,6 +242,13 @@ class Runner:
         clean_stale_temps(self.out / "variants")
         from deployopt.stages.fuse import FuseStage
 
+        drop = self.cfg.max_accuracy_drop
+        if drop is not None and 0 < drop < 1:
+            self.warn(
+                f"--max-accuracy-drop {drop:g} is in points: it allows a drop of {drop:g} "
+                f"percentage points (accuracy 90.00 -> {90 - drop:.2f}), not a fraction; for "
+                f"{drop * 100:g} points give --max-accuracy-drop {drop * 100:g}"
+            )
         base, evaluation, calibration, desc = self._root()
         self.meta = {
             "data": desc,
@@ -250,6 +278,8 @@ class Runner:
         if reference is None:
             reference = self._outputs(base.path, base.name)
         self._warn_constant(reference, evaluation, desc.get("eval", "the evaluation inputs"))
+        if self._labelled is not None:
+            base = self._measure_original(base, reference)
         fuse = [FuseStage()] if "fuse" in self.cfg.variants else []
         for stage in fuse:
             self._variant(stage, ctx, reference)
@@ -333,6 +363,7 @@ class Runner:
         if isinstance(src, TorchSource):
             evaluation, calibration, desc = build_data(src, src.specs, self.cfg, self.warn)
             self._evaluation = evaluation
+            self._read_labels()
             from deployopt.stages import export as export_stage
 
             def do_export(d: Path) -> None:
@@ -353,6 +384,7 @@ class Runner:
             evaluation, calibration, desc = build_data(src, specs, self.cfg, self.warn, self.dims)
             check_graph_sizes(src.path)  # a ConstantOfShape of 2**40: refused before any run
             self._evaluation = evaluation
+            self._read_labels()
             # v2: the working copy reads dims written as 0 as unknown (deployopt.feeds)
             vid = variant_id(None, "input", INPUT_VERSION, {"sha256": src.content_hash})
 
@@ -371,6 +403,39 @@ class Runner:
             self._reference = self._probe(v, evaluation, desc.get("eval", ""))
         self._record(v, reused=cached is not None)
         return v, evaluation, calibration, desc
+
+    def _read_labels(self) -> None:
+        """--labels-column: the labels of the evaluation samples, read before any model runs
+        (a missing column or an empty set stops the run here)."""
+        from deployopt.taskeval import read_labels
+
+        if self.cfg.labels_column is not None:
+            self._labelled = read_labels(self.cfg)
+
+    def _measure_original(self, base: Variant, reference) -> Variant:
+        """Settle the task from the original's outputs (``reference``) and record its task
+        metrics on the root variant: the baseline of every variant's accuracy drop."""
+        from deployopt.taskeval import Meter
+
+        text = self.source.tokenizer is not None
+        self.meter = Meter.start(self._labelled, self.source.meta, reference, self._evaluation,
+                                 text, self.warn)  # fmt: skip
+        self.meta["data"]["labels"] = self.meter.task.describe()
+        measured = self._task_metrics(base, reference)
+        self.variants[self.variants.index(base)] = measured
+        self._write_meta(measured)
+        self.log(f"{base.name}: {self.meter.line(measured.metrics)} on "
+                 f"{self.meter.task.samples} labelled samples")  # fmt: skip
+        return measured
+
+    def _task_metrics(self, v: Variant, outputs) -> Variant:
+        """``v`` with the task metrics of ``outputs`` (its evaluation outputs) when it is ok
+        and labels were given; any from an earlier run are dropped (deployopt.taskeval)."""
+        from deployopt.taskeval import merged
+
+        ok = self.meter is not None and v.ok
+        new = self.meter.metrics(outputs, self._evaluation) if ok else None
+        return replace(v, metrics=merged(v.metrics, new))
 
     def _image_dims(self, specs: list[InputSpec]) -> dict[str, int]:
         """The symbolic dims of an ONNX input: those ``--input-shape`` settles, then an image
@@ -578,6 +643,7 @@ class Runner:
         v = replace(v, parity=summary)
         if not rep.passed:
             v = self._fail(v, f"parity vs {against} failed: " + "; ".join(rep.failures))
+        v = self._task_metrics(v, cand)  # passed parity: measured on the labels
         self._write_meta(v)
         return v
 
@@ -616,6 +682,8 @@ class Runner:
         extra = ""
         if v.parity:
             extra = f" mean cos {v.parity['mean_cosine']:.5f}"
+        if self.meter is not None and self.meter.line(v.metrics):
+            extra += f", {self.meter.line(v.metrics)}"
         self.log(f"{v.name}: {mark}{extra}" + (f" ({v.reason})" if v.reason else ""))
         self._emit(VariantFinished(v.name, "reused" if reused and v.ok else v.status, v.reason))
 
@@ -658,6 +726,7 @@ def manifest_entry(v: Variant, out: Path) -> dict[str, Any]:
         }
         if p
         else None,
+        "task": entry(v.metrics),
         "warnings": list(v.warnings),
     }
 

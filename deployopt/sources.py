@@ -44,6 +44,7 @@ class ModelMeta:
     classifier_outputs: tuple[str, ...] = ()
     pooling: str | None = None
     lineage: list = field(default_factory=list)  # distill/prune steps that made this model
+    class_names: tuple[str, ...] = ()  # config.json's id2label, by class index
 
     @property
     def is_transformer(self) -> bool:
@@ -165,6 +166,21 @@ def _task_from_config(cfg: dict) -> str:
     if arch.endswith("ForTokenClassification"):
         return "token-classification"
     return "feature-extraction"
+
+
+def class_names(cfg: dict) -> tuple[str, ...]:
+    """config.json's ``id2label`` as names by class index (``LABEL_0``... when the model was
+    saved without names), or () when it has none or its keys are not 0..n-1."""
+    raw = cfg.get("id2label")
+    if not isinstance(raw, dict) or not raw:
+        return ()
+    try:
+        by_index = {int(k): str(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        return ()
+    if sorted(by_index) != list(range(len(by_index))):
+        return ()
+    return tuple(by_index[i] for i in range(len(by_index)))
 
 
 def _st_pooling(folder: Path) -> str | None:
@@ -299,6 +315,7 @@ def hf_source(folder: Path, *, trust_remote_code: bool = False, pooling: str | N
         hidden_size=getattr(config, "hidden_size", None),
         max_positions=getattr(config, "max_position_embeddings", None),
         lineage=list(cfg.get("deployopt_lineage") or []),
+        class_names=class_names(cfg),
     )
     if pruned:  # heads no longer follow the config: fusers read the graph
         meta.num_heads, meta.hidden_size = 0, 0
@@ -715,6 +732,7 @@ def onnx_source(path: Path, input_shapes=None) -> OnnxSource:
             num_heads=c.get("num_attention_heads"),
             hidden_size=c.get("hidden_size"),
             max_positions=c.get("max_position_embeddings"),
+            class_names=class_names(c),
         )
         if c.get("deployopt_pruning") or c.get("heads_per_layer"):  # pruned: heads vary
             meta.model_type = str(meta.model_type).removeprefix("deployopt_pruned_")
