@@ -306,10 +306,7 @@ def _execute(stage, recipe, model, folder, config, log, emit, first) -> tuple[st
         if config is not None and cfg.config_file is None:
             cfg = OptimizeConfig.model_validate({**cfg.model_dump(), "config_file": config})
         res = commands.optimize(model, recipe.source, cfg, folder, log, weights, on_event=emit)
-        win = res.choice.winner.name if res.choice and res.choice.winner else None
-        return (f"chosen {win}" if win else "variants built (no benchmark)",
-                {"model": str(folder), "chosen": win,
-                 "best": str(res.best) if res.best else None})  # fmt: skip
+        return _optimize_summary(res, folder)
     if stage == "bench":
         results = commands.bench([model], opts, log)
         doc = {"schema": "deployopt.bench/1", "results": [r.to_json() for r in results]}
@@ -331,6 +328,28 @@ def _execute(stage, recipe, model, folder, config, log, emit, first) -> tuple[st
                 {"verdict": result.verdict.value,
                  "exit_code": result.verdict.exit_code})  # fmt: skip
     raise AssertionError(stage)
+
+
+def _optimize_summary(res, folder: Path) -> tuple[str, dict]:
+    """The chosen variant with what it measured: size, latency on the choice's metric, and the
+    task metric against the stage's input (with --labels-column)."""
+    win = res.choice.winner if res.choice and res.choice.winner else None
+    outputs: dict[str, Any] = {"model": str(folder), "chosen": win.name if win else None,
+                               "best": str(res.best) if res.best else None}  # fmt: skip
+    if win is None:
+        return "variants built (no benchmark)", outputs
+    m = res.by_name(win.name).metrics
+    outputs.update(latency_ms=win.latency_ms, size_mb=win.size_mb, mean_cosine=win.mean_cosine)
+    parts = [f"chosen {win.name}", f"{win.size_mb:.3g} MB"]
+    if win.latency_ms is not None:
+        parts.append(f"{win.latency_ms:.3g} ms")
+    metric = m.get("task.metric")
+    if metric:
+        outputs["task"] = {"metric": metric, "value": m.get(f"task.{metric}"),
+                           "original": res.variants[0].metrics.get(f"task.{metric}"),
+                           "drop": m.get("accuracy_drop")}  # fmt: skip
+        parts.append(f"{metric} {m.get(f'task.{metric}'):.2f} (drop {m.get('accuracy_drop'):.2f})")
+    return ", ".join(parts), outputs
 
 
 def _floats(d: dict) -> dict:

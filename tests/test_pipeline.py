@@ -183,3 +183,23 @@ def test_a_factory_s_code_is_part_of_the_source_id(tmp_path, monkeypatch):
     pkg.write_text("def make():\n    return 1\n")
     after, _ = pipeline.plan(rc.from_dict(d))
     assert before != after
+
+
+def test_a_recipe_judges_the_task_metric_and_reports_it(tiny_bert_classifier_dir, tmp_path):
+    from tests.test_task_metrics import sentences, torch_logits, write_csv
+
+    texts = sentences(24)
+    labels = [int(p) for p in torch_logits(tiny_bert_classifier_dir, texts).argmax(axis=1)]
+    data = write_csv(tmp_path / "eval.csv", ["text", "label"], list(zip(texts, labels)))
+    recipe = {
+        "source": {"path": str(tiny_bert_classifier_dir)},
+        "optimize": {**BASE["optimize"], "variants": ["int8-dynamic"], "eval": str(data),
+                     "labels_column": "label", "max_accuracy_drop": 5.0, "seq": 16},
+    }  # fmt: skip
+    res, _ = _run(recipe, tmp_path / "out")
+    task = res.by_stage("optimize").outputs["task"]
+    assert task["metric"] == "accuracy" and task["original"] == pytest.approx(100.0)
+    assert task["drop"] == pytest.approx(task["original"] - task["value"]) and task["drop"] <= 5
+    summary = res.by_stage("optimize").summary
+    assert f"accuracy {task['value']:.2f} (drop {task['drop']:.2f})" in summary
+    assert summary in (tmp_path / "out" / "report.md").read_text()
