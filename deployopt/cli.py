@@ -370,6 +370,8 @@ def run(
     r = rc.load(recipe, sets or ())
     if _printed(r, print_recipe):
         return
+    if r.search is not None:
+        raise errors.UsageError(f"{recipe}: a [search] recipe", hint="run it with deployopt search")
     with display.StageLines() as lines:
         result = pipeline.run(r, _need_out(out), force=force or (), on_event=lines.event)
     for line in (f"report: {result.report}", f"best: {result.best}" if result.best else ""):
@@ -379,6 +381,29 @@ def run(
         colour = "green" if result.verdict == "PASS" else "red"
         err_console.print(styled(f"gate: {result.verdict}", f"bold {colour}"))
     sys.exit(result.exit_code)
+
+
+@app.command(epilog="Example:\n\n  deployopt search search.toml -o out")
+def search(
+    recipe: Annotated[Path, typer.Argument(help="A recipe with a [search] table.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+) -> None:
+    """Find the fastest chain of distillation, pruning and quantization within an accuracy
+    budget. [search] keys: student_layers, heads, ffn, channels, variants (each a list of
+    choices), max_accuracy_drop (points vs the original on [optimize] eval + labels_column),
+    max_trials, max_minutes, sampler (auto, grid, tpe), seed. Stages are cached and shared
+    between trials; a killed search resumes. Writes OUT/best.onnx, OUT/search.{json,md,png};
+    exit 6 when no trial meets the budget."""
+    from deployopt import recipe as rc
+    from deployopt import search as srch
+
+    r = rc.load(recipe)
+    if r.search is None:
+        raise errors.UsageError(f"{recipe}: no [search] table", hint="run it with deployopt run")
+    with err_console.status("searching ...") as status:
+        doc = srch.run(r, _need_out(out), on_event=lambda e: status.update(str(e)[:100]))
+    console.print(Path(_need_out(out) / "search.md").read_text(), highlight=False)
+    console.print(f"best: {doc['best']}", highlight=False)
 
 
 @app.command()
@@ -421,26 +446,13 @@ def history_cmd(
     history: HistoryOpt = None,
 ) -> None:
     """List, filter and compare recorded bench and gate results across targets and over time."""
-    from dataclasses import asdict
-
     from deployopt import history as hist
-    from deployopt.workspace import write_json
 
     if kind is not None and kind not in ("bench", "gate"):
         raise errors.UsageError(f"bad --kind {kind!r}", hint="bench or gate")
-    db = hist.History(history)
-    rows = db.query(model=model, target=target, kind=kind, batch=batch,
-                    verdict=verdict.upper() if verdict else None, since=since)  # fmt: skip
-    if not rows:
-        filtered = any((model, target, kind, batch, verdict, since))
-        console.print(f"no results in {db.path}" + (" matching the filters" if filtered else ""))
-        return
-    (hist.print_compare if compare else hist.print_rows)(console, rows if compare else rows[:limit])
-    if plot:
-        hist.plot_p50(rows, plot)
-        console.print(f"plot: {plot}")
-    if json_out:
-        write_json(json_out, [asdict(r) for r in rows[:limit]])
+    filters = dict(model=model, target=target, kind=kind, batch=batch, since=since,
+                   verdict=verdict.upper() if verdict else None)  # fmt: skip
+    hist.show(console, history, filters, limit=limit, compare=compare, plot=plot, json_out=json_out)
 
 
 # ---------------------------------------------------------------- entry point

@@ -392,3 +392,27 @@ def plot_p50(rows: Sequence[Record], path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def show(console, path, filters: dict, limit: int, compare: bool, plot, json_out) -> None:
+    """``deployopt history``: the filtered rows (or the side-by-side comparison), a p50 plot
+    and a JSON copy when asked."""
+    from dataclasses import asdict
+
+    from deployopt.workspace import write_json
+
+    db = History(path)
+    rows = db.query(**filters)
+    if not rows:
+        filtered = any(v is not None for v in filters.values())
+        console.print(f"no results in {db.path}" + (" matching the filters" if filtered else ""))
+        return
+    if compare:
+        print_compare(console, rows)
+    else:
+        print_rows(console, rows[:limit])
+    if plot:
+        plot_p50(rows, plot)
+        console.print(f"plot: {plot}")
+    if json_out:
+        write_json(json_out, [asdict(r) for r in rows[:limit]])

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, field_validator, model_validator
+from pydantic import BeforeValidator, field_validator
 
 from deployopt.config import (
     MIN_SAMPLES,
@@ -241,16 +241,11 @@ class PruneOptions(TrainOptions):
     kd: bool = opt(True, "Recover with knowledge distillation from the unpruned model.",
                    panel=TRAIN)  # fmt: skip
 
-    @model_validator(mode="after")
-    def _something(self) -> PruneOptions:
+    def prunes(self) -> bool:
+        """Whether the options remove anything."""
         what = (self.heads, self.ffn, self.drop_layers, self.channels, self.unstructured,
                 self.target_params, self.target_latency)  # fmt: skip
-        if all(w is None for w in what):
-            raise ValueError(
-                "nothing to prune: give heads, ffn, drop_layers, channels, unstructured, "
-                "target_params or target_latency"
-            )
-        return self
+        return any(w is not None for w in what)
 
 
 class MeasureOptions(Options):
@@ -349,3 +344,42 @@ class GateOptions(MeasureOptions):
         keys = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "min_throughput", "max_size_mb",
                 "min_cosine", "min_min_cosine")  # fmt: skip
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class SearchOptions(Options):
+    """``[search]`` of a recipe (``deployopt search``): the choices each dimension may take.
+    A trial is one choice per dimension; the fastest trial within the accuracy budget wins."""
+
+    student_layers: list[list[int] | str] = opt(
+        [], 'Students to try: teacher layers kept, or "none" for no distillation.'
+    )
+    heads: list[float] = opt([], "Attention-head prune ratios to try (0: none).")
+    ffn: list[float] = opt([], "FFN prune ratios to try (0: none).")
+    channels: list[float] = opt([], "CNN channel prune ratios to try (0: none).")
+    variants: list[list[str]] = opt([], "Optimize variant lists to try.")
+    max_accuracy_drop: float = opt(
+        1.0, "Most task-metric drop (points) from the original on the evaluation set.", ge=0
+    )
+    max_trials: int = opt(20, "Most trials.", ge=1)
+    max_minutes: float = opt(60.0, "Most minutes for new trials.", gt=0)
+    sampler: str = opt(
+        "auto", "auto (grid when the space fits max_trials, else TPE), grid or tpe.",
+        pattern="^(auto|grid|tpe)$",
+    )  # fmt: skip
+    seed: int = opt(0, "Seed of the sampler.")
+
+    @field_validator("student_layers")
+    @classmethod
+    def _students(cls, v: list) -> list:
+        bad = [x for x in v if isinstance(x, str) and x != "none"]
+        if bad:
+            raise ValueError(f'a student is a list of layers or "none", not {bad[0]!r}')
+        return v
+
+    @field_validator("heads", "ffn", "channels")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0 <= x < 1]
+        if bad:
+            raise ValueError(f"prune ratios are in [0, 1), not {bad[0]}")
+        return v

@@ -176,10 +176,14 @@ def run(
     *,
     force: tuple[str, ...] | list[str] = (),
     on_event: Callable[[ev.Event], None] | None = None,
+    ship: bool = True,
+    after_stage: Callable[[StageRecord], None] | None = None,
 ) -> RunResult:
     """Run ``recipe`` into ``out``. ``force``: stages rebuilt with everything after them.
     Raises the failing stage's error after writing the report (the stages before it stay
-    cached); a gate verdict is returned, not raised."""
+    cached); a gate verdict is returned, not raised. ``ship=False`` (a search trial): no
+    ``OUT/best.onnx`` and no run report; ``after_stage`` hears each finished stage and may
+    raise to stop the run there."""
     out = Path(out)
     emit = on_event or (lambda e: None)
     bad = [s for s in force if s not in STAGES]
@@ -208,9 +212,12 @@ def run(
             result.exit_code = _worse(result.exit_code, int(rec.outputs.get("exit_code", 0)))
             if st.stage == "gate":
                 result.verdict = rec.outputs.get("verdict")
-        result.best = _ship(stages, records, out)
+            if after_stage is not None:
+                after_stage(rec)
+        result.best = _ship(stages, records, out) if ship else None
     finally:
-        result.report = _write_report(recipe, result, stages)
+        if ship:
+            result.report = _write_report(recipe, result, stages)
     return result
 
 
@@ -292,7 +299,8 @@ def _execute(stage, recipe, model, folder, config, log, emit, first) -> tuple[st
         res = commands.distill(model, recipe.source, opts, folder, log)
         s = res.student
         return (f"{s['params'] / 1e6:.2f}M params, score {s.get('score', float('nan')):.4f}",
-                {"model": str(res.out / "student"), "student": _floats(s)})  # fmt: skip
+                {"model": str(res.out / "student"), "student": _floats(s),
+                 "teacher": _floats(res.teacher)})  # fmt: skip
     if stage == "prune":
         res = commands.prune(model, recipe.source, opts, folder / "model", log, weights)
         return (f"{res.params_before:,} -> {res.params_after:,} params",
@@ -382,10 +390,15 @@ def _ship(stages: list[PlannedStage], records: list[StageRecord], out: Path) -> 
     rec = next((r for r in records if r.stage == "optimize"), None)
     if rec is None or not rec.outputs.get("best"):
         return None
+    return ship_folder(Path(rec.folder), out)
+
+
+def ship_folder(folder: Path, out: Path) -> Path:
+    """An optimize output folder's best.onnx (+ external data) and best.session.json,
+    copied atomically into ``out`` (a session file left from another model is removed)."""
     from deployopt.presets import BEST_SESSION
     from deployopt.ship import write_best
 
-    folder = Path(rec.folder)
     best = write_best(out, folder / "best.onnx")
     session = folder / BEST_SESSION
     if session.exists():

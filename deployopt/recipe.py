@@ -51,6 +51,7 @@ from deployopt.options import (
     DistillOptions,
     GateOptions,
     PruneOptions,
+    SearchOptions,
     SourceOptions,
 )
 
@@ -109,6 +110,7 @@ class Recipe(Options):
     optimize: OptimizeConfig | None = None
     bench: BenchOptions | None = None
     gate: GateOptions | None = None
+    search: SearchOptions | None = None  # run by `deployopt search`, not `deployopt run`
 
     @field_validator("targets")
     @classmethod
@@ -138,7 +140,7 @@ def _suggest(key: str, known: list[str]) -> str:
 
 
 FLAGS = "flags"  # ``where`` of a recipe compiled from a command's flags
-TOP_KEYS = ["preset", "target", "targets", "source", *STAGE_TABLES]
+TOP_KEYS = ["preset", "target", "targets", "source", *STAGE_TABLES, "search"]
 
 
 def check_keys(data: dict[str, Any], where: str) -> None:
@@ -146,7 +148,7 @@ def check_keys(data: dict[str, Any], where: str) -> None:
     for key, value in data.items():
         if key not in TOP_KEYS:
             raise ConfigError(f"{_prefix(where)}unknown key {key!r}", hint=_suggest(key, TOP_KEYS))
-        model = SourceOptions if key == "source" else STAGE_TABLES.get(key)
+        model = {"source": SourceOptions, "search": SearchOptions}.get(key) or STAGE_TABLES.get(key)
         if model is None:
             continue
         if not isinstance(value, dict):
@@ -268,6 +270,10 @@ def validate(data: dict[str, Any], where: str) -> Recipe:
             f"{_prefix(where)}no [source] table", hint="add [source] with path = MODEL"
         )
     check_data(recipe, where)
+    if recipe.search is not None:
+        from deployopt.search import check
+
+        check(recipe, where)
     return recipe
 
 
@@ -297,6 +303,11 @@ def check_data(recipe: Recipe, where: str) -> None:
                         if where != FLAGS
                         else "paths are read against the working folder",
                     )
+    if recipe.prune is not None and recipe.search is None and not recipe.prune.prunes():
+        raise ConfigError(
+            f"{_prefix(where)}nothing to prune: give heads, ffn, drop_layers, channels, "
+            "unstructured, target_params or target_latency"
+        )
     if recipe.prune is not None and recipe.prune.recover_epochs and recipe.prune.data is None:
         raise ConfigError(
             f"{_at(where, 'prune', 'recover_epochs')} needs data",
