@@ -416,7 +416,7 @@ def to_toml(recipe: Recipe) -> str:
 
     doc = to_dict(recipe)
     head = {k: doc.pop(k) for k in list(doc) if not isinstance(doc[k], dict)}
-    order = ["targets", "source", *STAGE_TABLES]
+    order = ["targets", "source", *STAGE_TABLES, "search"]
     body = {k: doc[k] for k in order if k in doc}
     return tomli_w.dumps({**head, **body})
 

@@ -100,3 +100,11 @@ def test_bad_search_input_is_refused_before_any_work(labelled, change, message, 
     with pytest.raises(ConfigError) as e:
         rc.from_dict(d)
     assert message in e.value.message
+
+
+def test_a_search_recipe_prints_and_reads_back_the_same(labelled, tmp_path):
+    model, data = labelled
+    r = rc.from_dict(_recipe(model, data))
+    p = tmp_path / "r.toml"
+    p.write_text(rc.to_toml(r))
+    assert rc.load(p) == r
