@@ -251,7 +251,7 @@ def _record(t) -> Trial:
         t.state.name, t.state.name.lower()
     )
     if status == "ok" and a.get("reason"):
-        status = "over budget"
+        status = "no variant" if a["reason"].startswith("no variant") else "over budget"
     return Trial(
         number=t.number,
         params=a.get("point", {}),
