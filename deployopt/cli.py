@@ -135,15 +135,14 @@ def _optimize(given, source: str, out, print_recipe, sets, force: bool) -> None:
         return
     cfg = recipe.optimize
     steps = len(cfg.bench_batches) * cfg.bench_rounds + 1 if cfg.bench else 0
-    with display.OptimizeProgress(cfg.variants, steps) as prog:
-        try:
+    try:
+        with display.OptimizeProgress(cfg.variants, steps) as prog:
             result = commands.optimize(source, recipe.source, cfg, _need_out(out), prog.log,
                                        recipe.source.weights, force, on_event=prog.event)  # fmt: skip
-        except errors.NoViableVariantError as e:
-            if getattr(e, "result", None) is not None:
-                prog.__exit__(None, None, None)
-                display.print_table(e.result)
-            raise
+    except errors.NoViableVariantError as e:  # the table says why, then the exit code
+        if e.result is not None:
+            display.print_table(e.result)
+        raise
     display.print_table(result)
 
 
@@ -186,9 +185,7 @@ def _bench(given, models: list[Path], out, print_recipe, sets) -> None:
     if recipe.bench.json_out:
         from deployopt.workspace import write_json
 
-        doc = {"schema": "deployopt.bench/1", "target": display.target_of(results),
-               "results": [r.to_json() for r in results]}  # fmt: skip
-        write_json(recipe.bench.json_out, doc)
+        write_json(recipe.bench.json_out, commands.bench_document(results))
     if any(not r.valid for r in results):
         sys.exit(errors.EXIT_INVALID_RUN)
 

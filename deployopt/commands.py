@@ -105,6 +105,14 @@ def bench(models: list[Any], opts: BenchOptions, log: Log = _quiet):
     )  # fmt: skip
 
 
+def bench_document(results) -> dict:
+    """The JSON a bench run writes (``--json``, and ``bench.json`` of a recipe's stage)."""
+    from deployopt.display import target_of
+
+    return {"schema": "deployopt.bench/1", "target": target_of(results),
+            "results": [r.to_json() for r in results]}  # fmt: skip
+
+
 def budget_file(opts: GateOptions, folder: Path) -> Path | None:
     """The budget file of gate options: its path, or inline tables written to ``folder``."""
     if opts.budget is None or isinstance(opts.budget, Path):

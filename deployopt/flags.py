@@ -174,8 +174,8 @@ def command(
                 given.setdefault(f.section, {})[f.key] = v
         return body(given, **kwargs)
 
-    # required parameters first: inspect.Signature refuses a default before a non-default only
-    # for positional ones, but typer lists arguments in declaration order
+    # keyword-only parameters: a required one may follow one with a default; typer lists the
+    # options in this order in --help
     wrapper.__signature__ = inspect.Signature(all_params)  # type: ignore[attr-defined]
     wrapper.__name__ = body.__name__
     wrapper.__doc__ = body.__doc__

@@ -94,7 +94,7 @@ def _data_hash(value: Any) -> str:
         return ""
     if isinstance(value, (list, tuple)):
         return ",".join(_data_hash(v) for v in value)
-    if isinstance(value, list) or not isinstance(value, (str, Path)):
+    if not isinstance(value, (str, Path)):
         return hashlib.sha256(canonical_json(value).encode()).hexdigest()
     p = Path(value)
     if p.exists():
@@ -286,8 +286,11 @@ def _next_model(stage: str, folder: Path, outputs: dict, model: Any) -> Any:
 
 
 def _with_config(opts, config: Path | None):
-    if config is not None and "config" in type(opts).model_fields and opts.config is None:
-        return opts.model_copy(update={"config": config})
+    """``opts`` with the recipe's targets file as its ``config`` option, unless it names one
+    (the option's field may be named otherwise: optimize's is ``config_file``)."""
+    name = next((n for n, f in type(opts).model_fields.items() if (f.alias or n) == "config"), None)
+    if config is not None and name is not None and getattr(opts, name) is None:
+        return opts.model_copy(update={name: config})
     return opts
 
 
@@ -308,17 +311,11 @@ def _execute(stage, recipe, model, folder, config, log, emit, first) -> tuple[st
                  "params_after": res.params_after,
                  "metrics": {k: _floats(v) for k, v in res.metrics.items()}})  # fmt: skip
     if stage == "optimize":
-        from deployopt.config import OptimizeConfig
-
-        cfg = opts
-        if config is not None and cfg.config_file is None:
-            cfg = OptimizeConfig.model_validate({**cfg.model_dump(), "config_file": config})
-        res = commands.optimize(model, recipe.source, cfg, folder, log, weights, on_event=emit)
+        res = commands.optimize(model, recipe.source, opts, folder, log, weights, on_event=emit)
         return _optimize_summary(res, folder)
     if stage == "bench":
         results = commands.bench([model], opts, log)
-        doc = {"schema": "deployopt.bench/1", "results": [r.to_json() for r in results]}
-        write_json(folder / "bench.json", doc)
+        write_json(folder / "bench.json", commands.bench_document(results))
         invalid = [r.name for r in results if not r.valid]
         first_r = results[0]
         p50 = first_r.stats.p50_ms if first_r.stats else None
@@ -344,6 +341,10 @@ def _optimize_summary(res, folder: Path) -> tuple[str, dict]:
     win = res.choice.winner if res.choice and res.choice.winner else None
     outputs: dict[str, Any] = {"model": str(folder), "chosen": win.name if win else None,
                                "best": str(res.best) if res.best else None}  # fmt: skip
+    metric = res.variants[0].metrics.get("task.metric")  # the stage's input, as exported
+    if metric:
+        outputs["task"] = {"metric": metric,
+                           "original": res.variants[0].metrics.get(f"task.{metric}")}  # fmt: skip
     if win is None:
         return "variants built (no benchmark)", outputs
     m = res.by_name(win.name).metrics
@@ -351,11 +352,8 @@ def _optimize_summary(res, folder: Path) -> tuple[str, dict]:
     parts = [f"chosen {win.name}", f"{win.size_mb:.3g} MB"]
     if win.latency_ms is not None:
         parts.append(f"{win.latency_ms:.3g} ms")
-    metric = m.get("task.metric")
     if metric:
-        outputs["task"] = {"metric": metric, "value": m.get(f"task.{metric}"),
-                           "original": res.variants[0].metrics.get(f"task.{metric}"),
-                           "drop": m.get("accuracy_drop")}  # fmt: skip
+        outputs["task"].update(value=m.get(f"task.{metric}"), drop=m.get("accuracy_drop"))
         parts.append(f"{metric} {m.get(f'task.{metric}'):.2f} (drop {m.get('accuracy_drop'):.2f})")
     return ", ".join(parts), outputs
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def _mentions(ann: Any, t: type) -> bool:
+    """Whether type ``t`` appears in annotation ``ann`` (``Path | None``, ``tuple[Path, ...]``)."""
+    return ann is t or any(_mentions(a, t) for a in typing.get_args(ann))
+
+
 def _resolve_one(value: Any, base: Path, field: Any) -> Any:
     if isinstance(value, Path):
         value = str(value)
@@ -234,7 +240,7 @@ def _resolve_one(value: Any, base: Path, field: Any) -> Any:
         return [_resolve_one(v, base, field) for v in value]
     if not isinstance(value, str) or not value or Path(value).is_absolute():
         return value
-    is_path = "Path" in str(field.annotation)
+    is_path = _mentions(field.annotation, Path)
     candidate = base / value
     if is_path or ((field.json_schema_extra or {}).get("data") and candidate.exists()):
         return str(candidate)

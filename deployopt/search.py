@@ -136,20 +136,13 @@ def baseline(recipe: Recipe, out: Path, emit) -> float:
         }
     )
     res = pipeline.run(base, out, on_event=emit, ship=False)
-    return _original_metric(Path(res.by_stage("optimize").folder))
-
-
-def _original_metric(folder: Path) -> float:
-    doc = json.loads((folder / "manifest.json").read_text())
-    first = doc["variants"][0]
-    task = first.get("task") or {}
-    metric = task.get("metric")
-    if metric is None or task.get(metric) is None:
+    value = (res.by_stage("optimize").outputs.get("task") or {}).get("original")
+    if value is None:
         raise ConfigError(
-            f"{folder}: the original has no task metric",
+            "recipe: the original has no task metric",
             hint="check [optimize] eval and labels_column",
         )
-    return float(task[metric])
+    return float(value)
 
 
 def _encode(v: Any) -> Any:
