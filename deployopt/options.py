@@ -7,11 +7,10 @@ each command's flags from these models (deployopt.flags); a recipe's tables hold
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, field_validator
+from pydantic import BeforeValidator, ValidationError, field_validator
 
 from deployopt.config import (
     MIN_SAMPLES,
@@ -22,10 +21,12 @@ from deployopt.config import (
     Options,
     Percent,
     Shapes,
+    first_error,
     opt,
 )
 from deployopt.errors import ConfigError
 from deployopt.judge import Budget
+from deployopt.torchside.lossnames import LOSSES, parse_losses  # noqa: F401 (re-exported)
 
 PACKAGED = (
     "fashion-mnist, fashion-mnist-test, reuters-r8, reuters-r8-test, reuters-r52, "
@@ -38,33 +39,6 @@ DATA_HELP = (
 TRAIN = "Training"  # a help panel
 SIZE_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads",
              "hidden": "hidden_size", "ffn": "intermediate_size"}  # fmt: skip
-
-
-LOSSES = ("embedding", "cosine", "kd", "ce", "hidden", "attention")
-
-
-def parse_losses(text: str | Sequence[str] | dict) -> dict[str, float]:
-    """``"embedding,hidden:0.5"`` -> {"embedding": 1.0, "hidden": 0.5}."""
-    if isinstance(text, dict):
-        items = list(text.items())
-    else:
-        parts = text.split(",") if isinstance(text, str) else list(text)
-        items = []
-        for p in (x.strip() for x in parts if str(x).strip()):
-            name, _, w = p.partition(":")
-            try:
-                items.append((name, float(w) if w else 1.0))
-            except ValueError:
-                raise ConfigError(
-                    f"bad loss weight in {p!r}", hint="write e.g. kd,hidden:0.5"
-                ) from None
-    bad = [n for n, _ in items if n not in LOSSES]
-    if bad or not items:
-        raise ConfigError(
-            f"unknown loss(es) {', '.join(bad) or '(none)'}",
-            hint="choose from " + ", ".join(LOSSES),
-        )
-    return dict(items)
 
 
 class SourceOptions(Options):
@@ -127,6 +101,19 @@ class TrainOptions(Options):
     text_column: str = opt("text", "Text column/field in .csv/.jsonl data.")
     max_examples: int | None = opt(None, "Use at most this many training examples.", ge=1)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
+    device: str = opt(
+        "auto",
+        "Where the teacher and student run: auto (CUDA when available), cpu, cuda or cuda:N. "
+        "Under torchrun each process takes the GPU of its LOCAL_RANK.",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$", panel=TRAIN,
+    )  # fmt: skip
+    precision: str = opt(
+        "fp32",
+        "Training precision: fp32, bf16 or fp16 (autocast, fp16 with loss scaling); the weights "
+        "stay fp32 and the KD losses compute in fp32. bf16 also runs on the CPU; fp16 there is "
+        "slow (for checking only).",
+        pattern="^(fp32|bf16|fp16)$", panel=TRAIN,
+    )  # fmt: skip
 
 
 class DistillOptions(TrainOptions):
@@ -264,11 +251,25 @@ class MeasureOptions(Options):
     rounds: int = opt(ROUNDS, "Interleaved rounds the samples are spread over.", ge=1, le=100)
     timeout: float = opt(TIMEOUT_S, "Seconds before a hung measurement is killed.", gt=0)
     history: str | None = opt(
-        None, "Results database (default .deployopt/history.sqlite or $DEPLOYOPT_HISTORY)."
+        None,
+        "Results database: a path, sqlite:///PATH or postgresql://USER@HOST/DB (default "
+        ".deployopt/history.sqlite or $DEPLOYOPT_HISTORY).",
     )
     no_history: bool = opt(False, "Do not record the results.", flag="--no-history")
     json_out: Path | None = opt(None, "Write the results as JSON to this file.", alias="json",
                                 output=True)  # fmt: skip
+    cluster: str | None = opt(
+        None,
+        "Measure on a Ray cluster: auto (the one RAY_ADDRESS names or that runs on this "
+        "machine), ray://HOST:PORT or HOST:PORT. Each target runs as one task on a node with "
+        "its ray_labels, the targets in parallel; no cluster found is an error (exit 4).",
+    )
+    schedule_timeout: float = opt(
+        60.0,
+        "With --cluster: seconds a target's task may wait for a node with its labels before "
+        "its results are INVALID (no node for target).",
+        gt=0,
+    )
 
 
 class BenchOptions(MeasureOptions):
@@ -292,6 +293,11 @@ class BenchOptions(MeasureOptions):
         False,
         "GPU EPs: time host<->device copies too (default: IO binding, copies not timed).",
         flag="--include-copies",
+    )
+    targets: Annotated[tuple[str, ...], Csv] = opt(
+        (),
+        "With --cluster: targets to measure on, comma-separated (each one's [targets.NAME] "
+        "table in --config names its node with ray_labels).",
     )
 
 
@@ -338,12 +344,21 @@ class GateOptions(MeasureOptions):
         None, 'Write a Markdown summary (e.g. "$GITHUB_STEP_SUMMARY").', output=True
     )
     name: str | None = opt(None, "Model name in the history (default: from the file).")
+    allow_version_mismatch: bool = opt(
+        False,
+        "With --cluster: judge a target whose node runs another onnxruntime or deployopt "
+        "version than this machine (default: its checks are INVALID).",
+        flag="--allow-version-mismatch",
+    )
 
     def limits(self) -> dict[str, float]:
         """The limits given as options (one budget on target/batch/seq)."""
         keys = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "min_throughput", "max_size_mb",
                 "min_cosine", "min_min_cosine")  # fmt: skip
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+SESSION_KEYS = {"threads", "graph_optimization", "session_config"}
 
 
 class SearchOptions(Options):
@@ -357,14 +372,33 @@ class SearchOptions(Options):
     ffn: list[float] = opt([], "FFN prune ratios to try (0: none).")
     channels: list[float] = opt([], "CNN channel prune ratios to try (0: none).")
     variants: list[list[str]] = opt([], "Optimize variant lists to try.")
+    sessions: list[str | dict[str, Any]] = opt(
+        [],
+        'onnxruntime session settings to try: "tuned" (optimize searches them), "default" (the '
+        "target's as they are), or a table of threads, graph_optimization and session_config.",
+    )
     max_accuracy_drop: float = opt(
         1.0, "Most task-metric drop (points) from the original on the evaluation set.", ge=0
+    )
+    objective: str = opt(
+        "latency",
+        "latency: the fastest trial within the budget. pareto: task metric against latency, "
+        "two objectives (NSGA-II past a grid); the winner is still the fastest within budget.",
+        pattern="^(latency|pareto)$",
+    )
+    prune_dominated: bool = opt(
+        True,
+        "objective latency: skip a trial that keeps at least the layers and heads of a trial "
+        "already within budget, under the same variants and session (it cannot be faster). "
+        "Grid points run smallest first.",
     )
     max_trials: int = opt(20, "Most trials.", ge=1)
     max_minutes: float = opt(60.0, "Most minutes for new trials.", gt=0)
     sampler: str = opt(
-        "auto", "auto (grid when the space fits max_trials, else TPE), grid or tpe.",
-        pattern="^(auto|grid|tpe)$",
+        "auto",
+        "auto (grid when the space fits max_trials, else TPE, or NSGA-II for pareto), grid, "
+        "tpe or nsga2.",
+        pattern="^(auto|grid|tpe|nsga2)$",
     )  # fmt: skip
     seed: int = opt(0, "Seed of the sampler.")
 
@@ -374,6 +408,28 @@ class SearchOptions(Options):
         bad = [x for x in v if isinstance(x, str) and x != "none"]
         if bad:
             raise ValueError(f'a student is a list of layers or "none", not {bad[0]!r}')
+        return v
+
+    @field_validator("sessions")
+    @classmethod
+    def _sessions(cls, v: list) -> list:
+        from deployopt.presets import Target
+
+        for x in v:
+            if isinstance(x, str):
+                if x not in ("tuned", "default"):
+                    raise ValueError(f'a session is "tuned", "default" or a table, not {x!r}')
+                continue
+            extra = set(x) - SESSION_KEYS
+            if extra:
+                raise ValueError(
+                    f"a session table takes {', '.join(sorted(SESSION_KEYS))}, not "
+                    f"{', '.join(sorted(extra))}"
+                )
+            try:
+                Target(name="session", **x)
+            except ValidationError as e:
+                raise ValueError(f"session {x}: {first_error(e)}") from None
         return v
 
     @field_validator("heads", "ffn", "channels")

@@ -46,6 +46,7 @@ from deployopt.inputs import (
 )
 from deployopt.parity import EXACT, Tolerance, compare
 from deployopt.preflight import check_declared_sizes, check_graph_sizes
+from deployopt.select import points_warning
 from deployopt.sources import OnnxSource, Source, TorchSource, read_onnx
 from deployopt.stages.base import MODEL_FILE, Context, model_files, save_model, size_bytes
 from deployopt.taskeval import entry, joint_pairs
@@ -242,13 +243,9 @@ class Runner:
         clean_stale_temps(self.out / "variants")
         from deployopt.stages.fuse import FuseStage
 
-        drop = self.cfg.max_accuracy_drop
-        if drop is not None and 0 < drop < 1:
-            self.warn(
-                f"--max-accuracy-drop {drop:g} is in points: it allows a drop of {drop:g} "
-                f"percentage points (accuracy 90.00 -> {90 - drop:.2f}), not a fraction; for "
-                f"{drop * 100:g} points give --max-accuracy-drop {drop * 100:g}"
-            )
+        warning = points_warning(self.cfg.max_accuracy_drop, "--max-accuracy-drop")
+        if warning:
+            self.warn(warning)
         base, evaluation, calibration, desc = self._root()
         self.meta = {
             "data": desc,

@@ -16,6 +16,17 @@ METRICS = ("p50", "p90", "p95", "p99")
 PREFER = ("fastest", "smallest")  # the rule that ranks qualifying candidates
 
 
+def points_warning(drop: float | None, name: str) -> str | None:
+    """A warning when an accuracy budget in points looks like a fraction (0.01 for 1 point)."""
+    if drop is None or not 0 < drop < 1:
+        return None
+    return (
+        f"{name} {drop:g} is in points: it allows a drop of {drop:g} percentage points "
+        f"(accuracy 90.00 -> {90 - drop:.2f}), not a fraction; for {drop * 100:g} points give "
+        f"{name} {drop * 100:g}"
+    )
+
+
 @dataclass(frozen=True)
 class Candidate:
     id: str
