@@ -117,6 +117,32 @@ max_minutes = {args.max_minutes}
 """
 
 
+def post_training(args, out: Path, model: Path, test: Path) -> dict | None:
+    """The teacher through optimize alone (both INT8 kinds, the same budget), for comparison
+    when the search ruled every post-training-only trial out as dominated."""
+    body = (
+        recipe(args, model, test, test).split("[distill]")[0]
+        + f"""
+[optimize]
+eval = "{test}"
+labels_column = "label"
+max_accuracy_drop = {args.max_drop}
+variants = ["int8-dynamic", "int8-static"]
+"""
+    )
+    (out / "post.toml").write_text(body)
+    try:
+        _deployopt("run", str(out / "post.toml"), "-o", str(out / "post"))
+    except subprocess.CalledProcessError as e:
+        print(f"post-training-only run exited {e.returncode}")
+        return None
+    rep = json.loads((out / "post" / "report.json").read_text())
+    o = next(r for r in rep["lineage"] if r["stage"] == "optimize")
+    task = o["outputs"].get("task") or {}
+    return {"folder": str(out / "post"), "metric": task.get("value"),
+            "drop": task.get("original", 0) - (task.get("value") or 0)}  # fmt: skip
+
+
 def eager_vs_onnx(teacher_dir: Path, models: dict[str, Path], threads: int) -> dict[str, float]:
     """p50 (ms) of the teacher in PyTorch eager and of each optimize output folder's best.onnx
     under its session file, batch 1 x seq 128, interleaved over 5 rounds."""
@@ -194,6 +220,10 @@ def main() -> int:
     models = {f"winner (trial {w['number']})": Path(w["folder"])}
     if best_post:
         models[f"post-training only (trial {best_post['number']})"] = Path(best_post["folder"])
+    else:  # the search skipped it as dominated: the same optimize on the teacher, outside it
+        best_post = post_training(args, out, model, test)
+        if best_post:
+            models["post-training only"] = Path(best_post["folder"])
     p50 = eager_vs_onnx(model, models, args.threads)
     from deployopt.benchmark import fingerprint
 
