@@ -92,12 +92,35 @@ def check(recipe: Recipe, where: str) -> None:
                 f"{where}: [search] student_layers needs a [distill] table",
                 hint="[distill] gives the training data and settings",
             )
+        _check_students(recipe, dims["student_layers"], where)
     pruning = [k for k in ("heads", "ffn", "channels") if k in dims]
     if pruning and recipe.prune is None:
         raise ConfigError(
             f"{where}: [search] {pruning[0]} needs a [prune] table",
             hint="[prune] gives the data and recovery settings",
         )
+
+
+def _check_students(recipe: Recipe, students: list, where: str) -> None:
+    """Every student keeps layers the teacher has (read from an HF folder's config.json;
+    other sources are checked when their trial loads them)."""
+    from deployopt.torchside.students import parse_layers
+
+    path = Path(recipe.source.path) if recipe.source and recipe.source.path else None
+    try:
+        total = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return
+    for layers in students:
+        if layers == NONE:
+            continue
+        try:
+            parse_layers(layers, total)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{where}: [search] student_layers {layers}: {e.message}",
+                hint=f"a student keeps some of the teacher's layers 0-{total - 1}",
+            ) from None
 
 
 def trial_recipe(recipe: Recipe, point: dict[str, Any]) -> Recipe:

@@ -205,6 +205,7 @@ BAD = [
     ({"search": {"sessions": [{"spin": 1}]}}, "a session table takes graph_optimization"),
     ({"search": {"sessions": [{"threads": 0}]}}, "threads"),
     ({"search": {"heads": [0.5], "objective": "speed"}}, "objective"),
+    ({"search": {"student_layers": [[0, 9]]}}, "[search] student_layers [0, 9]: layer list"),
 ]
 
 
@@ -217,7 +218,7 @@ def test_bad_search_input_is_refused_before_any_work(labelled, change, message, 
         if table == "search" and not body:
             d["search"] = {}
     with pytest.raises(ConfigError) as e:
-        rc.from_dict(d)
+        search.check(rc.from_dict(d), "recipe")
     assert message in e.value.message
 
 
