@@ -130,6 +130,9 @@ class BenchResult:
     node_providers: Mapping[str, int] = field(default_factory=dict)
     invalid: tuple[str, ...] = ()
     round_p50_ms: tuple[float, ...] = ()  # the median of each interleaved round
+    # flagged, not invalid: e.g. some nodes fell back from a GPU EP to the CPU (node_providers
+    # has the counts per EP; see deployopt.runtime.session)
+    warnings: tuple[str, ...] = ()
 
     @property
     def valid(self) -> bool:
@@ -252,6 +255,9 @@ def _serve(conn, path: str, target: Target, spec: BenchSpec) -> None:
             info["node_providers"] = rs.node_providers(Path(path), target, feeds)
             if not info["node_providers"].get(wanted):
                 info["invalid"].append(f"no node was assigned to {wanted}")
+            note = rs.fallback_note(info["node_providers"], wanted)
+            if note:
+                info["warnings"] = [note]
         serve_requests(conn, run, info)
     except Exception as e:  # the parent turns it into an invalid result
         send_error(conn, e)
@@ -392,6 +398,7 @@ class BenchWorker:
             node_providers=self.info.get("node_providers", {}),
             invalid=invalid,
             round_p50_ms=tuple(self.round_p50),
+            warnings=tuple(self.info.get("warnings", ())),
         )
 
 

@@ -35,11 +35,11 @@ def train_config(opts: DistillOptions | PruneOptions):
             epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
             weight_decay=opts.weight_decay, warmup_ratio=opts.warmup,
             max_grad_norm=opts.max_grad_norm, patience=opts.patience, seed=opts.seed,
-            checkpoint_every=opts.checkpoint_every,
+            checkpoint_every=opts.checkpoint_every, precision=opts.precision,
         )  # fmt: skip
     return TrainConfig(
         epochs=max(1, opts.recover_epochs), batch_size=opts.batch_size, lr=opts.lr,
-        seed=opts.seed, patience=max(2, opts.recover_epochs),
+        seed=opts.seed, patience=max(2, opts.recover_epochs), precision=opts.precision,
     )  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def distill(model: Any, src: SourceOptions, opts: DistillOptions, out: Path, log
         input_shape=dict(src.input_shape), max_examples=opts.max_examples,
         max_length=opts.max_length, windows=opts.windows,
         freeze_embeddings=opts.freeze_embeddings, temperature=opts.temperature,
-        alpha=opts.alpha, train=train_config(opts), log=log,
+        alpha=opts.alpha, train=train_config(opts), device=opts.device, log=log,
     )  # fmt: skip
 
 
@@ -75,7 +75,7 @@ def prune(model: Any, src: SourceOptions, opts: PruneOptions, out: Path, log: Lo
         input_shape=dict(src.input_shape), weights=weights, max_examples=opts.max_examples,
         importance_examples=opts.importance_examples, max_length=opts.max_length,
         steps=opts.steps, recover_epochs=opts.recover_epochs, recover_kd=opts.kd,
-        train=train_config(opts), log=log,
+        train=train_config(opts), device=opts.device, log=log,
     )  # fmt: skip
 
 

@@ -2,6 +2,22 @@
 
 Execution providers are named by short aliases (``cpu``, ``cuda``, ``tensorrt``, ...). A session
 reports the providers it really uses so callers can refuse a silent CPU fallback.
+
+GPU execution providers, and what a result says about them:
+- a session on a GPU EP lists the CPU EP after it, for the nodes the GPU EP has no kernel for
+  (onnxruntime itself also places shape computations on the CPU). Which EP ran each node comes
+  from one profiled run (:func:`node_providers`): no node on the requested EP makes a benchmark
+  INVALID; some nodes on the CPU is *flagged* (:func:`fallback_note`, the counts per EP in the
+  result), not INVALID, since a mixed placement is what deploys;
+- strict mode: a target whose session config sets ``session.disable_cpu_ep_fallback = "1"``
+  gets a session on the GPU EP alone, and onnxruntime refuses to create it when any node would
+  run on the CPU: :class:`EpFallbackError` (exit 4; the benchmark records it as INVALID);
+- timing uses IO binding (:func:`runner`), parity may run on the target's EP
+  (:func:`parity_provider`, :func:`model_outputs`) so an fp16 model is proven where it runs.
+
+The onnxruntime-gpu wheel cannot be installed on the borrowed GPU machine (it is 255 MB), so
+these paths are covered by unit tests with a faked provider list and session
+(tests/test_cuda_paths.py) and by the ``cuda``-marked tests where a CUDA EP exists.
 """
 
 from __future__ import annotations
@@ -26,6 +42,33 @@ EP_ALIASES = {
     "qnn": "QNNExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
 }
+
+
+# onnxruntime's session config key that forbids placing nodes on the CPU EP
+# (include/onnxruntime/core/session/onnxruntime_session_options_config_keys.h)
+STRICT_KEY = "session.disable_cpu_ep_fallback"
+_STRICT_REFUSAL = "fallback to CPU EP has been explicitly disabled"
+# the device an EP's inputs and outputs live on, for IO binding
+DEVICE_OF_EP = {
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "cuda",
+    "ROCMExecutionProvider": "cuda",
+    "MIGraphXExecutionProvider": "cuda",
+}
+
+
+class EpFallbackError(RuntimeUnavailableError):
+    """Strict mode: onnxruntime refused a session because some nodes would run on the CPU."""
+
+    default_hint = (
+        f'the EP has no kernel for some ops: drop {STRICT_KEY} = "1" from the target\'s '
+        "session_config to let them run on the CPU (the result then counts the nodes per EP)"
+    )
+
+
+def is_gpu_provider(name: str) -> bool:
+    """Whether the EP (alias or full name) keeps its tensors on a GPU."""
+    return EP_ALIASES.get(name.lower(), name) in DEVICE_OF_EP
 
 
 _LEVELS = {
@@ -91,15 +134,27 @@ def create_session(
 
     ``optimization``: ``all`` (ORT default), ``extended`` (no layout transformations),
     ``basic`` or ``disable``; ``session_config``:
-    onnxruntime session config entries (``session.intra_op.allow_spinning``, ...).
+    onnxruntime session config entries (``session.intra_op.allow_spinning``, ...). With
+    ``session.disable_cpu_ep_fallback = "1"`` (strict mode) a non-CPU EP runs alone: the CPU EP
+    is not listed (onnxruntime rejects listing it with that key set), and a model with nodes
+    the EP cannot run raises :class:`EpFallbackError`.
     """
     rt = ort()
     so = session_options(threads, optimization, session_config)
     full = resolve_provider(provider)
-    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    strict = str((session_config or {}).get(STRICT_KEY, "0")) == "1"
+    if full == "CPUExecutionProvider" or strict:
+        providers = [full]
+    else:
+        providers = [full, "CPUExecutionProvider"]
     try:
         return rt.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
+        if strict and _STRICT_REFUSAL in str(e):
+            raise EpFallbackError(
+                f"{path}: strict mode ({STRICT_KEY}=1): some nodes would run on the CPU, not "
+                f"on {full}"
+            ) from None
         raise InputModelError(
             f"{path}: onnxruntime cannot load the model: {explain_ort_error(str(e))}"
         ) from None
@@ -165,10 +220,23 @@ def intermediate_tensors(
 
 
 def model_outputs(
-    path: Path, batches: Sequence[dict[str, np.ndarray]], threads: int | None = None
+    path: Path,
+    batches: Sequence[dict[str, np.ndarray]],
+    threads: int | None = None,
+    provider: str = "cpu",
 ) -> list[dict[str, np.ndarray]]:
-    """Create a session on ``path`` and run ``batches``: the unit of work a worker process does."""
-    return run_batches(create_session(path, threads=threads), batches)
+    """Create a session on ``path`` (on ``provider``, CPU by default) and run ``batches``: the
+    unit of work a worker process does."""
+    return run_batches(create_session(path, provider=provider, threads=threads), batches)
+
+
+def parity_provider(target_ep: str | None) -> str:
+    """The EP parity runs on for a run benchmarked on ``target_ep``: the target's own EP when it
+    is a GPU EP (an fp16 model is proven where it runs: the CPU EP computes most fp16 ops in
+    fp32, which says little about a GPU's fp16 kernels), else the CPU."""
+    if target_ep and is_gpu_provider(target_ep):
+        return target_ep
+    return "cpu"
 
 
 def runner(session, feeds: dict[str, np.ndarray], device_io: bool = True):
@@ -176,20 +244,24 @@ def runner(session, feeds: dict[str, np.ndarray], device_io: bool = True):
 
     On a GPU provider with ``device_io``, inputs are copied to the device once and outputs stay
     there (IO binding), so host copies are not timed.
+
+    The timing loop measures the wall time of this callable, which is the GPU's work only if
+    the call waits for it. It does: a session run synchronizes the execution providers with the
+    CPU before it returns (for the CUDA EP, cudaStreamSynchronize on its compute stream) unless
+    the run option ``disable_synchronize_execution_providers`` is "1" (onnxruntime,
+    include/onnxruntime/core/session/onnxruntime_run_options_config_keys.h: "Set to '1' to not
+    synchronize execution providers with CPU at the end of session run. Per default it will be
+    set to '0'"). ``run_with_iobinding`` is such a run and deployopt never sets that option, so
+    each call returns after the kernels have finished.
     """
     provider = session.get_providers()[0]
-    device = {
-        "CUDAExecutionProvider": "cuda",
-        "TensorrtExecutionProvider": "cuda",
-        "ROCMExecutionProvider": "cuda",
-        "MIGraphXExecutionProvider": "cuda",
-    }.get(provider)
+    device = DEVICE_OF_EP.get(provider)
     if device is None or not device_io:
         names = [o.name for o in session.get_outputs()]
         return lambda: session.run(names, feeds)
     rt = ort()
     binding = session.io_binding()
-    for name, arr in feeds.items():
+    for name, arr in feeds.items():  # copied to the device once, before any timed run
         binding.bind_ortvalue_input(name, rt.OrtValue.ortvalue_from_numpy(arr, device, 0))
     for out in session.get_outputs():
         binding.bind_output(out.name, device)
@@ -208,11 +280,18 @@ def node_providers(path: Path, target, feeds: dict[str, np.ndarray]) -> dict[str
     with tempfile.TemporaryDirectory(prefix="deployopt-prof-") as tmp:
         so.profile_file_prefix = os.path.join(tmp, "p")
         full = resolve_provider(target.ep)
-        sess = rt.InferenceSession(str(path), so, providers=[full, "CPUExecutionProvider"])
+        providers = list(dict.fromkeys([full, "CPUExecutionProvider"]))
+        sess = rt.InferenceSession(str(path), so, providers=providers)
         sess.run(None, feeds)
         prof = sess.end_profiling()
         with open(prof) as f:
             events = json.load(f)
+    return count_node_providers(events)
+
+
+def count_node_providers(events: Sequence[dict]) -> dict[str, int]:
+    """Nodes per execution provider in an onnxruntime profile (its ``Node`` events, each node
+    counted once)."""
     counts: dict[str, int] = {}
     seen = set()
     for ev in events:
@@ -221,6 +300,18 @@ def node_providers(path: Path, target, feeds: dict[str, np.ndarray]) -> dict[str
             seen.add(ev["name"])
             counts[args["provider"]] = counts.get(args["provider"], 0) + 1
     return counts
+
+
+def fallback_note(counts: dict[str, int], wanted: str) -> str | None:
+    """One line when some (not all) nodes ran on another EP than ``wanted``, else None:
+    ``"3 of 40 nodes ran on CPUExecutionProvider, not CUDAExecutionProvider"``."""
+    total = sum(counts.values())
+    others = {ep: n for ep, n in counts.items() if ep != wanted and n}
+    if not counts.get(wanted) or not others:
+        return None
+    where = ", ".join(f"{n} on {ep}" for ep, n in sorted(others.items()))
+    moved = sum(others.values())
+    return f"{moved} of {total} nodes ran off {wanted} ({where}): partial fallback"
 
 
 # ---------------------------------------------------------------- the input model's probe

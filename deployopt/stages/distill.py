@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from deployopt.errors import ConfigError, DataError
-from deployopt.options import parse_losses
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
+from deployopt.torchside.device import check_precision, describe, resolve_device
+from deployopt.torchside.lossnames import parse_losses
 from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
-from deployopt.torchside.train import TrainConfig, Trainer, dist_info, task_defaults
+from deployopt.torchside.train import TrainConfig, Trainer, barrier, dist_info, task_defaults
 from deployopt.workspace import write_json
 
 # Sentence encoders, measured by benchmarks/defaults_minilm.py (see the README's table).
@@ -76,6 +77,7 @@ def distill(
     temperature: float = 4.0,
     alpha: float = 0.9,
     train: TrainConfig | None = None,
+    device: str = "auto",
     log: Callable[[str], None] = print,
     progress: bool = True,
     stop_after_steps: int | None = None,
@@ -87,11 +89,15 @@ def distill(
     (same architecture, smaller, fresh weights) or ``student`` (a factory or module).
     ``losses``: default ``cosine,hidden`` for sentence encoders (``hidden`` for a narrower
     student), ``kd`` for classifiers; ``windows``: long texts train as overlapping windows.
-    A run interrupted after a checkpoint resumes when called again with the same ``out``.
+    A run interrupted after a checkpoint resumes when called again with the same ``out``, on
+    this device or another. ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
+    ``cuda:N``; ``train.precision``: ``fp32``, ``bf16`` or ``fp16`` (autocast).
     """
     from deployopt.sources import load_source
 
     cfg = train or TrainConfig()
+    dev = resolve_device(device)
+    check_precision(cfg.precision, dev)
     out = Path(out)
     shapes = {k: tuple(v) for k, v in (input_shape or {}).items()}
     src = load_source(teacher, input_shapes=shapes)
@@ -99,6 +105,7 @@ def distill(
     t_model.eval()
     for p in t_model.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # a fresh student's initialisation follows --seed
     s_model, how = _student(t_model, src, student_layers, student, student_size)
     s_model.train()
     for p in s_model.parameters():
@@ -109,20 +116,22 @@ def distill(
         dataset = _head(dataset, max_examples)
     evalset = load_data(eval_data, labels_column, text_column) if eval_data else None
 
+    s_model.to(dev)
     if isinstance(dataset, TextData) and src.meta.task == "feature-extraction":
         task, loss_w, extra = embedding_task(
             t_model, s_model, src, dataset, evalset, losses, how, max_length, eval_fraction, cfg,
-            progress, windows,
+            progress, windows, dev,
         )  # fmt: skip
     else:
         task, loss_w, extra = classifier_task(
             t_model, s_model, src, dataset, evalset, losses, max_length, eval_fraction, cfg,
-            temperature, alpha, progress,
+            temperature, alpha, progress, dev,
         )  # fmt: skip
     cfg = task_defaults(cfg, isinstance(task, EmbeddingTask))
     log(
         f"distill: teacher {_params(t_model) / 1e6:.2f}M params -> student "
-        f"{_params(s_model) / 1e6:.2f}M ({how}); losses {loss_w}; {task_size(task)} examples"
+        f"{_params(s_model) / 1e6:.2f}M ({how}); losses {loss_w}; {task_size(task)} examples; "
+        f"{describe(dev)}, {cfg.precision}"
     )
     note = small_corpus_note(task_size(task), cfg.epochs, isinstance(task, EmbeddingTask))
     if note:
@@ -132,10 +141,12 @@ def distill(
     trainer = Trainer(
         s_model, task.loss, task_size(task), task.evaluate, cfg, out / "work",
         extra_modules=extra, log=log, progress=progress, stop_after_steps=stop_after_steps,
+        device=dev,
     )  # fmt: skip
     state = trainer.fit()
     seconds = time.perf_counter() - t0
-    student_metrics = task.evaluate(s_model)
+    with torch.no_grad():
+        student_metrics = task.evaluate(s_model)
     rank, _ = dist_info()
     result = DistillResult(
         out=out,
@@ -144,8 +155,12 @@ def distill(
         student={"params": _params(s_model), **student_metrics},
         report=out / "distill_report.json",
         stopped_early=state.stopped_early,
+        extra=dict(trainer.stats),
     )
+    if trainer.stats.get("skipped_steps"):
+        log(f"warning: {trainer.stats['skipped_steps']} step(s) skipped for a non-finite loss")
     if rank == 0:
+        s_model.to("cpu")  # the saved student is device-independent
         _save_student(s_model, src, teacher, student, out)
         write_json(
             result.report,
@@ -158,6 +173,7 @@ def distill(
                 "examples": task_size(task),
                 "data": getattr(dataset, "source", str(data)),
                 "train": cfg.__dict__,
+                **trainer.stats,  # device, precision, peak memory, skipped steps
                 "temperature": temperature,
                 "alpha": alpha,
                 "history": state.history,
@@ -169,13 +185,11 @@ def distill(
                 ),
             },
         )
-    _, world = dist_info()
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 has written the student before anyone leaves
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        barrier(dev)  # rank 0 has written the student before anyone leaves
+        dist.destroy_process_group()
     return result
 
 
@@ -280,7 +294,7 @@ def block_ends(kept: Sequence[int] | None, n_student: int, n_teacher: int) -> li
 
 def embedding_task(
     t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg, progress=False,
-    windows=True,
+    windows=True, device="cpu",
 ):  # fmt: skip
     t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
     # the pooled-embedding losses need the teacher's width: a narrower student learns the hidden
@@ -306,17 +320,18 @@ def embedding_task(
         layer_map = list(zip(range(n_s), block_ends(kept, n_s, n_t)))
     projs = None
     if "hidden" in loss_w:
-        projs = projections_for(layer_map, s_dim, t_dim)
+        projs = projections_for(layer_map, s_dim, t_dim).to(device)
     task = EmbeddingTask(
         t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
-        projections=projs, progress=progress, windows=windows,
+        projections=projs, progress=progress, windows=windows, device=device,
     )  # fmt: skip
     return task, loss_w, [projs] if projs is not None else []
 
 
 def classifier_task(
-    t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a, progress=False
-):
+    t_model, s_model, src, data, evalset, losses, max_length, frac, cfg, t, a, progress=False,
+    device="cpu",
+):  # fmt: skip
     loss_w = parse_losses(losses or "kd")
     if {"embedding", "cosine", "hidden", "attention"} & set(loss_w):
         raise ConfigError("classifier distillation takes the kd and ce losses")
@@ -347,7 +362,7 @@ def classifier_task(
         y, ey = (y[tr], y[ev]) if y is not None else (None, None)
     if ey is None:
         raise DataError("evaluation needs labels: give --labels-column or --eval-data with labels")
-    return ClassifierTask(t_model, x, y, ex, ey, loss_w, t, a, progress), loss_w, []
+    return ClassifierTask(t_model, x, y, ex, ey, loss_w, t, a, progress, device), loss_w, []
 
 
 def _save_student(model: nn.Module, src, teacher, student, out: Path) -> None:

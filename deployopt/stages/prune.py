@@ -38,6 +38,13 @@ from deployopt.stages.distill import (
 from deployopt.torchside import pruning as pr
 from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
+from deployopt.torchside.device import (
+    check_precision,
+    describe,
+    resolve_device,
+    synchronize,
+    to_device,
+)
 from deployopt.torchside.tasks import EmbeddingTask, mean_pool
 from deployopt.torchside.train import TrainConfig, Trainer, task_defaults
 from deployopt.workspace import TMP_PREFIX, write_json
@@ -74,6 +81,7 @@ class _Job:
     max_length: int
     importance_examples: int
     seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def prune(
@@ -101,6 +109,7 @@ def prune(
     recover_epochs: int = 0,
     recover_kd: bool = True,
     train: TrainConfig | None = None,
+    device: str = "auto",
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> PruneResult:
@@ -115,13 +124,17 @@ def prune(
     ``importance``: ``gradient`` (needs ``data``; the default when data is given) or
     ``magnitude``. ``steps`` > 1 prunes iteratively, recovering after each step;
     ``recover_epochs`` fine-tunes on ``data``, by default with KD from the unpruned model
-    (``recover_kd=False``: labels only).
+    (``recover_kd=False``: labels only). ``device``: where the importance passes, the latency
+    target's timing and recovery run (``auto``: CUDA when available); ``train.precision``:
+    recovery's precision.
     """
     from deployopt.sources import load_source
 
     t0 = time.perf_counter()
     out = Path(out)
     cfg = train or TrainConfig(epochs=max(1, recover_epochs))
+    dev = resolve_device(device)
+    check_precision(cfg.precision, dev)
     _check_args(heads, ffn, channels, unstructured, target_params, steps, recover_epochs, data)
     if target_latency is not None:
         pr.check_ratio(target_latency, "target-latency")
@@ -135,7 +148,7 @@ def prune(
     shapes = {k: tuple(v) for k, v in (input_shape or {}).items()}
     src = load_source(model, input_shapes=shapes, weights=Path(weights) if weights else None)
     original = unwrap(src.module)
-    original.eval()
+    original.to(dev).eval()
     kind = "transformer" if hasattr(original, "config") else "module"
     if kind == "module" and (heads or ffn or drop_layers is not None):
         raise ConfigError(
@@ -153,7 +166,7 @@ def prune(
         dataset = _head(dataset, max_examples)
     job = _Job(
         src, original, copy.deepcopy(original), dataset, kind, max_length,
-        importance_examples, cfg.seed,
+        importance_examples, cfg.seed, dev,
     )  # fmt: skip
     for p in job.original.parameters():
         p.requires_grad_(False)
@@ -167,6 +180,7 @@ def prune(
             job, target, heads, ffn, channels, log
         )
     history: list[dict] = []
+    recovery_stats: dict = {}
     metrics: dict[str, dict] = {}
     task = _task(job, recover_kd, cfg, progress) if dataset is not None else None
     cfg = task_defaults(cfg, isinstance(task, EmbeddingTask), recovery=True)
@@ -198,7 +212,10 @@ def prune(
                 metrics["pruned"] = task.evaluate(job.model)
             if recover_epochs and task is not None:
                 epochs = max(1, round(recover_epochs / steps))
-                history += _recover(job, task, cfg, epochs, work / f"step{step}", log, progress)
+                hist, recovery_stats = _recover(
+                    job, task, cfg, epochs, work / f"step{step}", log, progress
+                )
+                history += hist
         if masks_on:
             from torch.nn.utils import prune as tprune
 
@@ -216,8 +233,13 @@ def prune(
     log(f"prune: {before:,} -> {after:,} parameters ({after / before:.3f}); {removed['summary']}")
     lineage = [{"stage": "prune", "from": src.label, "params_before": before,
                 "params_after": after, **removed}]  # fmt: skip
+    job.model.to("cpu")  # the saved model and the returned one are device-independent
+    job.original.to("cpu")
     to_save, extra, readme = _saved_form(job, out, removed, _factory(model, src))
     report = _report_doc(job, before, after, removed, metrics, history, data, cfg, t0)
+    report["device"] = describe(dev)
+    if history:
+        report["recovery"].update(recovery_stats)
     save_model_folder(
         to_save, src, out, factory=_factory(model, src), lineage=lineage, config_extra=extra,
         extra_files={"prune_report.json": _json_bytes(report), "README.md": readme.encode()},
@@ -266,7 +288,7 @@ def bisect_ratio(measure: Callable[[float], float], goal: float, hi: float, iter
 def _pruned_copy(job: _Job, r: float) -> nn.Module:
     """The original pruned by ``r`` (heads and FFN, or channels) by magnitude: for sizing only
     (the count removed does not depend on which units go)."""
-    m = copy.deepcopy(job.original)
+    m = copy.deepcopy(job.original)  # on the job's device, as the original is
     if job.kind == "transformer":
         bl = pr.blocks(m)
         hs, fs = pr.magnitude_importance(bl)
@@ -285,21 +307,27 @@ def _timing_inputs(job: _Job, seq: int = 128) -> dict | tuple:
         feats = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if "token_type_ids" in job.src.input_names:
             feats["token_type_ids"] = torch.zeros_like(ids)
-        return feats
-    return tuple(t[:1] for t in job.src.example_inputs)
+        return to_device(feats, job.device)
+    return tuple(t[:1].to(job.device) for t in job.src.example_inputs)
 
 
 def latency_ratio(model: nn.Module, ref: nn.Module, inputs, rounds: int = 15) -> float:
-    """Median over interleaved pairs of (model time / ref time), PyTorch eager: machine drift
-    hits both sides of a pair alike."""
+    """Median over interleaved pairs of (model time / ref time), PyTorch eager on the models'
+    device (``inputs`` there too): machine drift hits both sides of a pair alike. On a GPU each
+    run waits for its kernels (CUDA launches are asynchronous)."""
     import statistics
 
+    first = next(ref.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+
     def run(m) -> float:
+        synchronize(device)
         t = time.perf_counter()
         if isinstance(inputs, dict):
             m(**inputs)
         else:
             m(*inputs)
+        synchronize(device)
         return time.perf_counter() - t
 
     with torch.no_grad():
@@ -464,11 +492,11 @@ def _grad_loss(job: _Job):
     g = torch.Generator().manual_seed(job.seed)
 
     def loss(model, batch):
-        x, y = batch
+        x, y = to_device(batch[0], job.device), to_device(batch[1], job.device)
         out = model(**x) if isinstance(x, dict) else model(x)
         if hasattr(out, "last_hidden_state") and not hasattr(out, "logits"):
             emb = mean_pool(out.last_hidden_state, x["attention_mask"])
-            u = torch.randn(emb.shape, generator=g)
+            u = torch.randn(emb.shape, generator=g).to(emb.device)  # the same on every device
             return (emb * u).sum()
         logits = out.logits if hasattr(out, "logits") else out
         target = y if y is not None else logits.argmax(-1).detach()
@@ -489,29 +517,29 @@ def _task(job: _Job, kd: bool, cfg: TrainConfig, progress: bool = False):
             raise ConfigError("a sentence encoder recovers only by distillation (drop --no-kd)")
         task, _, _ = embedding_task(
             job.original, job.model, job.src, d, None, None, "", job.max_length, 0.1, cfg,
-            progress,
+            progress, device=job.device,
         )  # fmt: skip
         return task
     if not kd and isinstance(d, TextData) and d.labels is None:
         raise DataError(f"{d.source}: recovery without KD needs labels (--labels-column)")
     task, _, _ = classifier_task(
         job.original, job.model, job.src, d, None, "kd" if kd else "ce", job.max_length, 0.1,
-        cfg, 4.0, 0.5, progress,
+        cfg, 4.0, 0.5, progress, device=job.device,
     )  # fmt: skip
     return task
 
 
-def _recover(job, task, cfg, epochs, work, log, progress) -> list[dict]:
+def _recover(job, task, cfg, epochs, work, log, progress) -> tuple[list[dict], dict]:
     c = replace(cfg, epochs=epochs)
     for p in job.model.parameters():
         p.requires_grad_(True)
     job.model.train()
     log(f"prune: recovering for {epochs} epoch(s) on {task_size(task)} examples")
     trainer = Trainer(job.model, task.loss, task_size(task), task.evaluate, c, work,
-                      log=log, progress=progress)  # fmt: skip
+                      log=log, progress=progress, device=job.device)  # fmt: skip
     state = trainer.fit()
     job.model.eval()
-    return state.history
+    return state.history, trainer.stats
 
 
 # ------------------------------------------------------------------ output

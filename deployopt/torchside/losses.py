@@ -10,6 +10,10 @@
   differ (TinyBERT, Jiao et al. 2020).
 - :func:`attention_kl`: KL between attention distributions per head (MiniLM, Wang et al. 2020).
 - :func:`embedding_loss`: MSE or 1 - cosine between pooled sentence embeddings; needs no labels.
+
+Every loss computes in fp32 whatever its inputs' dtype: under bf16/fp16 autocast the model's
+outputs arrive in half precision, and a softmax at temperature T in fp16 loses the soft targets
+(the small probabilities underflow), so each loss casts its inputs to float32 first.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def kd_loss(
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     t = temperature
+    student_logits = student_logits.float()
     log_q = F.log_softmax(student_logits / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     soft = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
     if labels is None:
         return soft
@@ -63,7 +68,7 @@ def hidden_mse(
 ) -> torch.Tensor:
     """MSE between hidden states (batch, seq, dim); padded positions (mask 0) are ignored."""
     s = projection(student_hidden) if projection is not None else student_hidden
-    t = teacher_hidden.detach()
+    s, t = s.float(), teacher_hidden.detach().float()
     if s.shape != t.shape:
         raise ValueError(
             f"hidden state shapes differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
@@ -87,8 +92,8 @@ def attention_kl(
             f"{tuple(teacher_attn.shape)}; attention transfer needs the same heads and length"
         )
     eps = 1e-12
-    p = teacher_attn.detach().clamp(min=eps)
-    q = student_attn.clamp(min=eps)
+    p = teacher_attn.detach().float().clamp(min=eps)
+    q = student_attn.float().clamp(min=eps)
     kl = (p * (p.log() - q.log())).sum(dim=-1)  # (batch, heads, q)
     if mask is None:
         return kl.mean()
@@ -100,7 +105,7 @@ def embedding_loss(
     student_emb: torch.Tensor, teacher_emb: torch.Tensor, kind: str = "mse"
 ) -> torch.Tensor:
     """MSE, or 1 - cosine similarity, between pooled embeddings (batch, dim)."""
-    t = teacher_emb.detach()
+    student_emb, t = student_emb.float(), teacher_emb.detach().float()
     if kind == "mse":
         return F.mse_loss(student_emb, t)
     if kind == "cosine":

@@ -115,8 +115,9 @@ def gradient_importance(
     (and each FFN neuron's), computed as the sum over tokens and the head's dimensions of
     activation x gradient, made absolute per example. ``loss_fn(model, batch)`` returns the
     per-example losses summed (so one example's gradient holds only its own loss)."""
-    heads = [torch.zeros(b.heads) for b in bl]
-    ffn = [torch.zeros(b.ffn) for b in bl]
+    # the scores accumulate on the model's device (activations and gradients live there)
+    heads = [torch.zeros(b.heads, device=b.q.weight.device) for b in bl]
+    ffn = [torch.zeros(b.ffn, device=b.ffn_in.weight.device) for b in bl]
     handles = []
 
     def grab(store: list, index: int, per: int | None):
@@ -211,6 +212,7 @@ def plan_removal(
 
 def _keep_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping ``keep`` output rows (dim 0) or input columns (dim 1)."""
+    keep = keep.to(lin.weight.device)
     w = lin.weight.detach().index_select(dim, keep).clone()
     new = nn.Linear(
         w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype
@@ -353,6 +355,9 @@ def prune_channels(
         imp = tp.importance.GroupMagnitudeImportance(p=2)
     else:
         raise ConfigError(f"unknown importance {importance!r}", hint="magnitude or gradient")
+    first = next(model.parameters(), None)
+    if first is not None:
+        example = example.to(first.device)  # DepGraph traces the model on its own device
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     ignored = last[-1:]  # the output layer: its outputs are the classes
     before = sum(p.numel() for p in model.parameters())

@@ -1,6 +1,10 @@
 """What is distilled, and how it is scored. A task owns its data, its teacher and the teacher's
 cache (the teacher runs once per example for the cached outputs), and gives the trainer a
-``loss(model, indices)`` and an ``evaluate(model)`` with a ``score``."""
+``loss(model, indices)`` and an ``evaluate(model)`` with a ``score``.
+
+A task works on its ``device``: it moves the teacher there, keeps the teacher's cached outputs
+there, and moves each batch there as it is used (the inputs themselves stay in host memory, so
+a corpus larger than the GPU's memory trains)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deployopt.torchside.device import to_device
 from deployopt.torchside.losses import (
     Projection,
     attention_kl,
@@ -24,6 +29,8 @@ def _logits(out) -> torch.Tensor:
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens, in fp32 (a half-precision sum over a long text loses digits)."""
+    hidden = hidden.float()
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
@@ -58,11 +65,17 @@ class ClassifierTask:
     temperature: float = 4.0
     alpha: float = 0.9
     progress: bool = False
+    device: torch.device | str = "cpu"
 
     def __post_init__(self):
-        self.teacher.eval()
+        self.device = torch.device(self.device)
+        self.teacher.to(self.device).eval()
+        if self.labels is not None:
+            self.labels = self.labels.to(self.device)
+        if self.eval_labels is not None:
+            self.eval_labels = self.eval_labels.to(self.device)
         self.cache = _in_chunks(
-            lambda i: _logits(self._run(self.teacher, self.inputs, i)),
+            lambda i: _logits(self._run(self.teacher, self.inputs, i)).float(),
             self.n,
             desc="teacher outputs" if self.progress else None,
         )
@@ -72,14 +85,15 @@ class ClassifierTask:
         x = self.inputs
         return len(next(iter(x.values())) if isinstance(x, Mapping) else x)
 
-    @staticmethod
-    def _run(model, inputs, idx):
+    def _run(self, model, inputs, idx):
+        """``model`` on the examples ``idx`` of ``inputs`` (host tensors), moved to the device."""
         if isinstance(inputs, Mapping):
-            return model(**{k: v[idx] for k, v in inputs.items()})
-        return model(inputs[idx])
+            return model(**{k: to_device(v[idx], self.device) for k, v in inputs.items()})
+        return model(to_device(inputs[idx], self.device))
 
     def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        logits = _logits(self._run(model, self.inputs, idx))
+        logits = _logits(self._run(model, self.inputs, idx)).float()
+        idx = idx.to(self.device)
         labels = self.labels[idx] if self.labels is not None else None
         total = logits.new_zeros(())
         if "kd" in self.losses:
@@ -130,9 +144,11 @@ class EmbeddingTask:
     projections: nn.ModuleList | None = None
     progress: bool = False
     windows: bool = False
+    device: torch.device | str = "cpu"
 
     def __post_init__(self):
-        self.teacher.eval()
+        self.device = torch.device(self.device)
+        self.teacher.to(self.device).eval()
         self.enc = self._encode(self.texts, self.windows)
         self.eval_enc = self._encode(self.eval_texts)
         desc = "teacher outputs" if self.progress else None
@@ -164,7 +180,7 @@ class EmbeddingTask:
 
     def _batch(self, enc, idx):
         feats = [{"input_ids": enc[int(i)]} for i in idx]
-        return self.tokenizer.pad(feats, return_tensors="pt")
+        return to_device(dict(self.tokenizer.pad(feats, return_tensors="pt")), self.device)
 
     def _embed(self, model, enc, idx, **kw):
         b = self._batch(enc, idx)
@@ -179,6 +195,7 @@ class EmbeddingTask:
         mask = b["attention_mask"]
         emb = mean_pool(out.last_hidden_state, mask)
         total = emb.new_zeros(())
+        idx = idx.to(self.device)
         if "embedding" in self.losses:
             total = total + self.losses["embedding"] * embedding_loss(
                 emb, self.cache[idx], self.embedding_kind
