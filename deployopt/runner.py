@@ -645,15 +645,19 @@ class Runner:
         return v
 
     def _outputs(self, path: Path, label: str):
-        """The model's outputs on the evaluation set, computed in a worker process."""
-        from deployopt.runtime.session import model_outputs
+        """The model's outputs on the evaluation set, computed in a worker process: on the
+        target's EP when it is a GPU EP (the reference and every candidate alike, so an fp16
+        model is proven where it runs), else on the CPU."""
+        from deployopt.runtime.session import model_outputs, parity_provider
         from deployopt.runtime.worker import run_in_worker
+        from deployopt.ship import target_of
 
         return run_in_worker(
             model_outputs,
             path,
             self._evaluation,
             self.cfg.threads,
+            parity_provider(target_of(self.cfg).ep),
             timeout_s=self.cfg.worker_timeout_s,
             label=f"{label} parity",
         )

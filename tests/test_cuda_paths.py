@@ -266,6 +266,24 @@ def test_parity_runs_on_a_gpu_target_ep_and_on_the_cpu_otherwise(gpu_ort, model_
     assert made[-1].providers == [CPU]
 
 
+def test_optimize_runs_its_parity_sessions_on_the_targets_gpu_ep(gpu_ort, model_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from deployopt.config import OptimizeConfig
+    from deployopt.runner import Runner
+    from deployopt.runtime import worker
+
+    _, made = gpu_ort
+    # in process (the fake onnxruntime lives here), the worker's arguments kept as given
+    monkeypatch.setattr(worker, "run_in_worker", lambda fn, *a, **kw: fn(*a))
+    feeds = [{"X": np.ones((2, 16), np.float32)}]
+    for target, providers in (("cuda", [CUDA, CPU]), ("cpu", [CPU])):
+        cfg = OptimizeConfig(target=target)
+        me = SimpleNamespace(cfg=cfg, _evaluation=feeds)
+        out = Runner._outputs(me, model_path, "fp32")
+        assert made[-1].providers == providers and out[0]["Y"].shape == (2, 4)
+
+
 # ------------------------------------------------------------------ real CUDA (skipped here)
 
 
