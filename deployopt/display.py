@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -238,6 +239,9 @@ def print_bench_results(results) -> None:
     print_bench(results, tgt)
     for line in session_lines(results):
         console.print(line, highlight=False, soft_wrap=True)
+    for r in results:  # flagged, not invalid: e.g. some nodes fell back from a GPU EP
+        for w in getattr(r, "warnings", ()):
+            console.print(f"warning: {Path(r.model).name}: {w}", highlight=False, soft_wrap=True)
 
 
 def print_distill(res) -> None:

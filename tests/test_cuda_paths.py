@@ -194,6 +194,11 @@ def test_the_result_carries_the_counts_and_the_warning():
     r = w.result({})
     assert r.valid and r.node_providers == {CUDA: 37, CPU: 3}
     assert list(r.to_json()["warnings"]) == ["3 of 40 nodes ..."]
+    from deployopt import display
+
+    with display.console.capture() as cap:
+        display.print_bench_results([r])
+    assert "warning: m.onnx: 3 of 40 nodes ..." in cap.get()
 
 
 # ------------------------------------------------------------------ IO binding
