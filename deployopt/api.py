@@ -244,7 +244,7 @@ def _history(history: str | Path | bool | None):
         return None
     from deployopt.history import History
 
-    return History(None if history in (None, True) else Path(history))
+    return History(None if history in (None, True) else history)  # a path or a URL
 
 
 def record_results(

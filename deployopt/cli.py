@@ -386,11 +386,12 @@ def search(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
 ) -> None:
     """Find the fastest chain of distillation, pruning and quantization within an accuracy
-    budget. [search] keys: student_layers, heads, ffn, channels, variants (each a list of
-    choices), max_accuracy_drop (points vs the original on [optimize] eval + labels_column),
-    max_trials, max_minutes, sampler (auto, grid, tpe), seed. Stages are cached and shared
-    between trials; a killed search resumes. Writes OUT/best.onnx, OUT/search.{json,md,png};
-    exit 6 when no trial meets the budget."""
+    budget. [search] keys: student_layers, heads, ffn, channels, variants, sessions (each a
+    list of choices), max_accuracy_drop (points vs the original on [optimize] eval +
+    labels_column), objective (latency, or pareto: metric and latency with NSGA-II),
+    prune_dominated, max_trials, max_minutes, sampler (auto, grid, tpe, nsga2), seed. Stages
+    are cached and shared between trials; a killed search resumes. Writes OUT/best.onnx,
+    OUT/search.{json,md,png}; exit 6 when no trial meets the budget."""
     from deployopt import recipe as rc
     from deployopt import search as srch
 
@@ -413,14 +414,16 @@ def presets() -> None:
         console.print(preset_toml(name), highlight=False)
 
 
-HistoryOpt = Annotated[Path | None, typer.Option(
-    help="Results database (default .deployopt/history.sqlite or $DEPLOYOPT_HISTORY).")]  # fmt: skip
+HistoryOpt = Annotated[str | None, typer.Option(
+    help="Results database: a path, sqlite:///PATH or postgresql://USER@HOST/DB (default "
+    ".deployopt/history.sqlite or $DEPLOYOPT_HISTORY).")]  # fmt: skip
 
 
 @app.command(
     "history",
     epilog="Examples:\n\n  deployopt history --model best --target cpu --limit 20\n\n"
-    "  deployopt history --compare\n\n  deployopt history --model best --plot p50.png",
+    "  deployopt history --compare\n\n  deployopt history --model best --plot p50.png\n\n"
+    "  deployopt history --history postgresql://ci@db/deployopt --compare --plot targets.png",
 )
 def history_cmd(
     model: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
@@ -435,15 +438,17 @@ def history_cmd(
     compare: Annotated[
         bool,
         typer.Option(
-            "--compare", help="The latest p50 of each model on each target, side by side."
+            "--compare", help="The latest p50 of each model on each target, side by side, "
+            "with the change since the previous result on that target."
         ),
     ] = False,  # fmt: skip
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of p50 over time.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Write a PNG of p50 over time (with --compare: the targets side by side).")] = None,  # fmt: skip
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows (with --compare: the comparison) as JSON.")] = None,
     history: HistoryOpt = None,
 ) -> None:
     """List, filter and compare recorded bench and gate results across targets and over time."""
-    from deployopt import history as hist
+    from deployopt import history_view as hist
 
     if kind is not None and kind not in ("bench", "gate"):
         raise errors.UsageError(f"bad --kind {kind!r}", hint="bench or gate")

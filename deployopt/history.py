@@ -1,65 +1,53 @@
-"""Results history: every bench and gate result in a local SQLite database.
+"""Results history: every bench and gate result in one database, local or shared.
 
-Default path ``.deployopt/history.sqlite`` (``$DEPLOYOPT_HISTORY`` or ``--history`` override).
-Concurrent writers lose nothing: WAL journal, a busy timeout, one short transaction per
-insert. A file that is not SQLite, or a SQLite database that is not a deployopt history, is an
-error naming the file; it is never reset or overwritten.
+``--history`` (or ``$DEPLOYOPT_HISTORY``) takes a file path or ``sqlite:///PATH`` (default
+``.deployopt/history.sqlite``) or ``postgresql://USER@HOST/DB`` for a history shared by many
+machines; :mod:`deployopt.history_db` parses it and owns the schema and its migrations, and
+:mod:`deployopt.history_view` draws what ``deployopt history`` shows.
+Concurrent writers lose nothing: each result is one short transaction (SQLite: WAL journal,
+``BEGIN IMMEDIATE`` and a busy timeout), and each carries a uid, so a result sent twice is
+stored once. A database that is not a deployopt history is an error naming it; it is never
+reset or overwritten. An older history is migrated in place when it is opened.
+
+>>> h = History("postgresql://ci@db.internal/bench")  # doctest: +SKIP
+>>> h.record(kind="bench", model_name="m", model_path="/m.onnx", model_sha256=None,
+...          lineage=["fp32"], result=bench_result.to_json())  # doctest: +SKIP
+>>> h.query(model="m", limit=1)[0].p50_ms  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import sqlite3
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from deployopt.errors import EXIT_USAGE, DeployoptError
+import sqlalchemy as sa
 
-APP = "deployopt.history"
-SCHEMA_VERSION = 1
+from deployopt import history_db as hdb
+from deployopt.history_db import APP, SCHEMA_VERSION, HistoryError  # noqa: F401 (public names)
+
 DEFAULT_PATH = Path(".deployopt") / "history.sqlite"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS results (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created TEXT NOT NULL,
-    kind TEXT NOT NULL,              -- bench | gate | optimize
-    model_name TEXT NOT NULL,
-    model_path TEXT NOT NULL,
-    model_sha256 TEXT,
-    lineage TEXT NOT NULL,           -- JSON list, e.g. ["fp32", "int8-dynamic"]
-    target TEXT NOT NULL,
-    shapes TEXT NOT NULL,            -- JSON {input: dims}
-    batch INTEGER NOT NULL,
-    valid INTEGER NOT NULL,
-    invalid TEXT NOT NULL,           -- JSON list of reasons
-    verdict TEXT,                    -- gate results: PASS | FAIL | INCONCLUSIVE | INVALID
-    p50_ms REAL, p90_ms REAL, p95_ms REAL, p99_ms REAL, throughput REAL,
-    samples INTEGER NOT NULL,
-    samples_ms TEXT NOT NULL,        -- JSON list: a later regression check can use them
-    git_commit TEXT,
-    fingerprint TEXT NOT NULL        -- JSON: machine, versions, settings
-);
-CREATE INDEX IF NOT EXISTS results_lookup ON results (model_name, target, batch, created);
-"""
+VERSIONED = ("onnxruntime", "deployopt")  # a node's versions that must match the driver's
+_PG_HINT = (
+    "check that the server is up and the URL's user, host, port and database; keep the "
+    "password out of the URL with ~/.pgpass or $PGPASSWORD"
+)
 
 
-class HistoryError(DeployoptError):
-    """The history database cannot be used as it is."""
-
-    exit_code = EXIT_USAGE
+_FILE_HINT = "check that the file and its folder are writable; the transaction was rolled back"
 
 
-def default_path() -> Path:
+def default_path() -> Path | str:
+    """``$DEPLOYOPT_HISTORY`` (a path or a URL), else ``.deployopt/history.sqlite``."""
     env = os.environ.get("DEPLOYOPT_HISTORY")
-    return Path(env) if env else DEFAULT_PATH
+    return (env if "://" in env else Path(env)) if env else DEFAULT_PATH
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -84,6 +72,9 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 @dataclass(frozen=True)
 class Record:
+    """One stored result. ``node_*``, ``driver_versions`` and ``version_mismatch`` are set for
+    results measured on a cluster node (schema 2); ``uid`` is unique per result."""
+
     id: int
     created: str
     kind: str
@@ -106,82 +97,117 @@ class Record:
     samples_ms: list[float]
     git_commit: str | None
     fingerprint: dict[str, str]
+    uid: str | None = None
+    node_id: str | None = None
+    node_versions: dict[str, str] | None = None
+    driver_versions: dict[str, str] | None = None
+    version_mismatch: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> Record:
+        d = hdb.row_values(row)
+        return cls(**{k: d[k] for k in _FIELDS})
 
 
-_JSON_COLS = ("lineage", "shapes", "invalid", "samples_ms", "fingerprint")
+_FIELDS = tuple(f.name for f in fields(Record))
+
+
+def versions_differ(node: Mapping[str, str] | None, driver: Mapping[str, str] | None) -> bool:
+    """True when a version named on both sides differs (onnxruntime, deployopt, ...)."""
+    if not node or not driver:
+        return False
+    return any(node[k] != driver[k] for k in node.keys() & driver.keys())
+
+
+def _prefixed(env: Mapping[str, Any], prefix: str) -> dict[str, str] | None:
+    found = {k: str(env[prefix + k]) for k in VERSIONED if env.get(prefix + k) is not None}
+    return found or None
+
+
+def node_of(env: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a result ran, from its ``env`` as deployopt.fleet writes it (``node_id``,
+    ``node_onnxruntime``, ``driver_deployopt``, ``version_mismatch = "yes"``...): the
+    ``record`` keywords. A result measured on this machine has none of them."""
+    flag = env.get("version_mismatch")
+    return {
+        "node_id": env.get("node_id"),
+        "node_versions": _prefixed(env, "node_"),
+        "driver_versions": _prefixed(env, "driver_"),
+        "version_mismatch": None if flag is None else str(flag).lower() in ("yes", "true", "1"),
+    }
 
 
 class History:
-    """One history database. Opening checks it; nothing is created until the first write."""
+    """One history database: ``History()`` (the default), ``History("path.sqlite")``,
+    ``History("sqlite:///path")`` or ``History("postgresql://user@host/db")``.
 
-    def __init__(self, path: Path | str | None = None):
-        self.path = Path(path) if path else default_path()
-        if self.path.exists():
-            with closing(self._connect()) as con:
-                self._check(con)
+    Opening checks the database (and connects to a server, so a wrong URL fails before
+    anything is measured) and migrates an older schema in place; nothing is created until
+    the first write. Attributes: ``where`` (the parsed location), ``path`` (the SQLite file,
+    or the URL with its password masked), ``migrated`` (the migration steps opening ran).
+    """
 
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            con.execute("PRAGMA busy_timeout = 60000")
-            return con
-        except sqlite3.Error as e:
-            raise HistoryError(f"{self.path}: cannot open the history database: {e}") from None
+    def __init__(self, location: str | Path | None = None):
+        self.where = hdb.where(location if location not in (None, "") else default_path())
+        self.path: Path | str = self.where.path or self.where.display
+        self.migrated: list[int] = []
+        self._engine: sa.Engine | None = None
+        self._ready = False
+        if self._exists():
+            with self._errors("open"), self._eng().connect() as conn:
+                v = hdb.version(conn, self.where)
+            if v is not None and v < SCHEMA_VERSION:
+                self._setup()
 
-    def _check(self, con: sqlite3.Connection) -> None:
-        hint = "point --history (or $DEPLOYOPT_HISTORY) at another file; this one is left as is"
-        try:
-            tables = {
-                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-        except sqlite3.DatabaseError as e:
-            raise HistoryError(
-                f"{self.path}: not a deployopt history database ({e})", hint=hint
-            ) from None
-        if not tables:
-            return  # an empty SQLite file: ours to set up
-        if "meta" not in tables or "results" not in tables:
-            raise HistoryError(
-                f"{self.path}: a SQLite database of something else "
-                f"(tables: {', '.join(sorted(tables))})",
-                hint=hint,
-            )
-        meta = dict(con.execute("SELECT key, value FROM meta"))
-        if meta.get("app") != APP:
-            raise HistoryError(f"{self.path}: not a deployopt history database", hint=hint)
-        if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
-            raise HistoryError(
-                f"{self.path}: written by a newer deployopt (schema {meta['schema_version']})",
-                hint="upgrade deployopt",
-            )
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled connections (a later call opens new ones)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _exists(self) -> bool:
+        return self.where.path is None or self.where.path.exists()
+
+    def _eng(self) -> sa.Engine:
+        if self._engine is None:
+            self._engine = hdb.engine(self.where)
+        return self._engine
+
+    def _error(self, action: str, e: BaseException) -> HistoryError:
+        return HistoryError(
+            f"{self.where.display}: cannot {action} the history database: "
+            f"{hdb.reason(e, self.where)}",
+            hint=_PG_HINT if self.where.path is None else _FILE_HINT if action == "write" else None,
+        )
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect()
+    def _errors(self, action: str) -> Iterator[None]:
         try:
-            self._check(con)
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute("BEGIN IMMEDIATE")  # one writer at a time; others wait busy_timeout
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    con.execute(stmt)
-            con.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('app', ?), ('schema_version', ?)",
-                (APP, str(SCHEMA_VERSION)),
-            )
-            yield con
-            con.execute("COMMIT")
-        except sqlite3.Error as e:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise HistoryError(f"{self.path}: cannot write the history database: {e}") from None
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
+            yield
+        except (sa.exc.SQLAlchemyError, OSError) as e:  # OSError: the file's folder
+            raise self._error(action, e) from None
+
+    def _setup(self) -> None:
+        """Create or migrate the schema (once per object), in one locked transaction."""
+        if self._ready:
+            return
+        with self._errors("write"):
+            if self.where.path is not None:
+                self.where.path.parent.mkdir(parents=True, exist_ok=True)
+                with self._eng().connect() as conn:
+                    hdb.version(conn, self.where)  # refuse a foreign file before touching it
+                    conn.rollback()  # the journal mode changes outside a transaction
+                    hdb.use_wal(conn.connection.driver_connection, self.where)
+            write = self._eng().execution_options(deployopt_begin="BEGIN IMMEDIATE")
+            with write.begin() as conn:
+                self.migrated = hdb.ensure(conn, self.where)
+        self._ready = True
 
     def record(
         self,
@@ -194,11 +220,29 @@ class History:
         result: Mapping[str, Any],
         verdict: str | None = None,
         commit: str | None = None,
+        uid: str | None = None,
+        node_id: str | None = None,
+        node_versions: Mapping[str, str] | None = None,
+        driver_versions: Mapping[str, str] | None = None,
+        version_mismatch: bool | None = None,
     ) -> int:
-        """Append one benchmark result (``BenchResult.to_json()``); returns its row id."""
+        """Append one benchmark result (``BenchResult.to_json()``) in one transaction; returns
+        its row id. ``uid`` names the result (default: a new one): a result recorded again
+        under the same uid is stored once and its first id returned. ``node_id`` and
+        ``node_versions`` say where a cluster measured it, ``driver_versions`` the caller's
+        versions; ``version_mismatch`` defaults to whether the two differ. Each defaults to
+        what ``result["env"]`` says of its node (see :func:`node_of`)."""
         st = result.get("stats") or {}
         shapes = dict(result.get("shapes") or {})
         batch = next(iter(shapes.values()))[0] if shapes else 1
+        node = node_of(result.get("env") or {})  # what a fleet result says of its node
+        node_id = node_id or node["node_id"]
+        node_versions = node_versions or node["node_versions"]
+        driver_versions = driver_versions or node["driver_versions"]
+        if version_mismatch is None:
+            version_mismatch = node["version_mismatch"]
+        if version_mismatch is None:
+            version_mismatch = versions_differ(node_versions, driver_versions)
         row = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
             "kind": kind,
@@ -209,7 +253,7 @@ class History:
             "target": result.get("target", ""),
             "shapes": shapes,
             "batch": int(batch),
-            "valid": int(bool(result.get("valid"))),
+            "valid": bool(result.get("valid")),
             "invalid": list(result.get("invalid") or []),
             "verdict": verdict,
             "p50_ms": st.get("p50_ms"),
@@ -221,14 +265,64 @@ class History:
             "samples_ms": list(result.get("samples_ms") or []),
             "git_commit": commit,
             "fingerprint": dict(result.get("env") or {}),
+            "uid": uid or uuid.uuid4().hex,
+            "node_id": node_id,
+            "node_versions": dict(node_versions) if node_versions else None,
+            "driver_versions": dict(driver_versions) if driver_versions else None,
+            "version_mismatch": bool(version_mismatch),
         }
-        for col in _JSON_COLS:
-            row[col] = json.dumps(row[col])
-        cols = ", ".join(row)
-        marks = ", ".join(f":{k}" for k in row)
-        with self._write() as con:
-            cur = con.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", row)
-            return int(cur.lastrowid)
+        self._setup()
+        return self._insert(row)
+
+    def _insert(self, row: dict[str, Any]) -> int:
+        """One INSERT, one transaction. A dropped connection is retried; the uid makes the
+        retry safe when the first attempt did commit."""
+        write = self._eng().execution_options(deployopt_begin="BEGIN IMMEDIATE")
+        t = hdb.results
+        for attempt in range(3):
+            try:
+                with write.begin() as conn:
+                    return int(conn.execute(sa.insert(t).values(row)).inserted_primary_key[0])
+            except sa.exc.IntegrityError as e:
+                found = self._id_of(row["uid"])
+                if found is None:
+                    raise self._error("write", e) from None
+                return found
+            except sa.exc.DBAPIError as e:
+                if not e.connection_invalidated or attempt == 2:
+                    raise self._error("write", e) from None
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _id_of(self, uid: str) -> int | None:
+        t = hdb.results
+        with self._errors("read"), self._eng().connect() as conn:
+            return conn.execute(sa.select(t.c.id).where(t.c.uid == uid)).scalar()
+
+    def _where(self, model, target, kind, batch, verdict, since) -> list:
+        t = hdb.results
+        conds = [
+            t.c[col] == val
+            for col, val in (
+                ("model_name", model),
+                ("target", target),
+                ("kind", kind),
+                ("batch", batch),
+                ("verdict", verdict),
+            )
+            if val is not None
+        ]
+        if since:
+            conds.append(t.c.created >= since)
+        return conds
+
+    def _select(self, stmt) -> list[Record]:
+        if not self._exists():
+            return []
+        with self._errors("read"), self._eng().connect() as conn:
+            if hdb.version(conn, self.where) is None:
+                return []
+            return [Record.from_row(r) for r in conn.execute(stmt)]
 
     def query(
         self,
@@ -241,178 +335,44 @@ class History:
         limit: int | None = None,
         newest_first: bool = True,
     ) -> list[Record]:
-        """Results matching every filter given."""
-        if not self.path.exists():
-            return []
-        where, args = [], []
-        for col, val in (
-            ("model_name", model),
-            ("target", target),
-            ("kind", kind),
-            ("batch", batch),
-            ("verdict", verdict),
-        ):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        if since:
-            where.append("created >= ?")
-            args.append(since)
-        sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'}"
+        """Results matching every filter given, newest first (``since``: an ISO date)."""
+        t = hdb.results
+        stmt = sa.select(t).where(*self._where(model, target, kind, batch, verdict, since))
+        stmt = stmt.order_by(t.c.id.desc() if newest_first else t.c.id.asc())
         if limit:
-            sql += f" LIMIT {int(limit)}"
-        with closing(self._connect()) as con:
-            self._check(con)
-            con.row_factory = sqlite3.Row
-            try:
-                rows = con.execute(sql, args).fetchall()
-            except sqlite3.OperationalError as e:
-                if "no such table" in str(e):
-                    return []
-                raise HistoryError(f"{self.path}: cannot read the history: {e}") from None
-        out = []
-        for r in rows:
-            d = dict(r)
-            for col in _JSON_COLS:
-                d[col] = json.loads(d[col])
-            d["valid"] = bool(d["valid"])
-            out.append(Record(**d))
-        return out
+            stmt = stmt.limit(int(limit))
+        return self._select(stmt)
+
+    def latest(self, n: int = 2, **filters: Any) -> list[Record]:
+        """The ``n`` newest valid results with a p50 of each (model, batch, target), newest
+        first; the database picks them (a window function), so the cost grows with the pairs
+        shown, not with the length of the history. ``filters``: as :meth:`query`."""
+        t = hdb.results
+        keys = ("model", "target", "kind", "batch", "verdict", "since")
+        conds = self._where(**{k: filters.get(k) for k in keys})
+        rank = sa.func.row_number().over(
+            partition_by=(t.c.model_name, t.c.batch, t.c.target), order_by=t.c.id.desc()
+        )
+        ranked = (
+            sa.select(t, rank.label("rank_"))
+            .where(t.c.valid == sa.true(), t.c.p50_ms.is_not(None), *conds)
+            .subquery()
+        )
+        cols = [ranked.c[name] for name in t.c.keys()]
+        stmt = sa.select(*cols).where(ranked.c.rank_ <= n).order_by(ranked.c.id.desc())
+        return self._select(stmt)
+
+    def count(self) -> int:
+        """How many results the history holds."""
+        t = hdb.results
+        if not self._exists():
+            return 0
+        with self._errors("read"), self._eng().connect() as conn:
+            if hdb.version(conn, self.where) is None:
+                return 0
+            return int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one())
 
     def last_pass(self, model: str, target: str, batch: int) -> Record | None:
         """The newest passing gate result of ``model`` on ``target`` at ``batch``."""
         rows = self.query(model=model, target=target, kind="gate", batch=batch, verdict="PASS")
         return next((r for r in rows if r.samples_ms), None)
-
-
-def _ms(x: float | None) -> str:
-    from deployopt.report import fmt_ms
-
-    return fmt_ms(x)
-
-
-def print_rows(console, rows: Sequence[Record]) -> None:
-    """The rows, newest first, as a table."""
-    from rich.table import Table
-
-    t = Table(title=f"{len(rows)} results")
-    cols = (
-        "id",
-        "when (UTC)",
-        "kind",
-        "model",
-        "lineage",
-        "target",
-        "batch",
-        "p50 ms",
-        "p99 ms",
-        "items/s",
-        "verdict",
-        "commit",
-    )
-    for c in cols:
-        t.add_column(
-            c, justify="right" if c in ("id", "batch", "p50 ms", "p99 ms", "items/s") else "left"
-        )
-    for r in rows:
-        t.add_row(
-            str(r.id),
-            r.created[:19].replace("T", " "),
-            r.kind,
-            r.model_name,
-            " > ".join(r.lineage),
-            r.target,
-            str(r.batch),
-            _ms(r.p50_ms) if r.valid else "INVALID",
-            _ms(r.p99_ms),
-            f"{r.throughput:.1f}" if r.throughput else "-",
-            r.verdict or "-",
-            (r.git_commit or "-")[:12],
-        )
-    console.print(t)
-
-
-def print_compare(console, rows: Sequence[Record]) -> None:
-    """The latest valid p50 of each (model, batch) on each target, side by side, with the
-    change since the one before it on the same target."""
-    from rich.table import Table
-
-    latest: dict[tuple[str, int], dict[str, list[Record]]] = {}
-    for r in sorted(rows, key=lambda r: r.id, reverse=True):
-        if r.valid and r.p50_ms is not None:
-            latest.setdefault((r.model_name, r.batch), {}).setdefault(r.target, []).append(r)
-    targets = sorted({t for per in latest.values() for t in per})
-    t = Table(title="latest p50 (ms) per target; change vs the previous result")
-    t.add_column("model")
-    t.add_column("batch", justify="right")
-    for tg in targets:
-        t.add_column(tg, justify="right")
-    for (model, batch), per in sorted(latest.items()):
-        cells = []
-        for tg in targets:
-            rs = per.get(tg, [])
-            if not rs:
-                cells.append("-")
-                continue
-            cell = _ms(rs[0].p50_ms)
-            if len(rs) > 1 and rs[1].p50_ms:
-                cell += f" ({rs[0].p50_ms / rs[1].p50_ms - 1:+.0%})"
-            cells.append(cell)
-        t.add_row(model, str(batch), *cells)
-    console.print(t)
-
-
-def plot_p50(rows: Sequence[Record], path: Path) -> Path:
-    """p50 over time, one line per (model, target, batch); a PNG written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from deployopt.workspace import atomic_path
-
-    series: dict[str, list[tuple[dt.datetime, float]]] = {}
-    for r in sorted(rows, key=lambda r: r.id):
-        if r.valid and r.p50_ms is not None:
-            key = f"{r.model_name} @ {r.target}, batch {r.batch}"
-            series.setdefault(key, []).append((dt.datetime.fromisoformat(r.created), r.p50_ms))
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for key, pts in series.items():
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, lw=1, label=key)
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_title("deployopt history")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-    fig.autofmt_xdate()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def show(console, path, filters: dict, limit: int, compare: bool, plot, json_out) -> None:
-    """``deployopt history``: the filtered rows (or the side-by-side comparison), a p50 plot
-    and a JSON copy when asked."""
-    from dataclasses import asdict
-
-    from deployopt.workspace import write_json
-
-    db = History(path)
-    rows = db.query(**filters)
-    if not rows:
-        filtered = any(v is not None for v in filters.values())
-        console.print(f"no results in {db.path}" + (" matching the filters" if filtered else ""))
-        return
-    if compare:
-        print_compare(console, rows)
-    else:
-        print_rows(console, rows[:limit])
-    if plot:
-        plot_p50(rows, plot)
-        console.print(f"plot: {plot}")
-    if json_out:
-        write_json(json_out, [asdict(r) for r in rows[:limit]])
