@@ -143,6 +143,9 @@ def bench(
     timeout_s: float = 600.0,
     history: str | Path | bool | None = None,
     log: Callable[[str], None] | None = None,
+    targets: Sequence[str] | None = None,
+    cluster: str | None = None,
+    schedule_timeout_s: float = 60.0,
 ) -> list[BenchResult]:
     """Measure one or more ``.onnx`` models on a target, interleaved, each in its own worker.
 
@@ -160,6 +163,13 @@ def bench(
     >>> [r.stats.p50_ms for r in bench("model.onnx", batch=[1, 8])]  # doctest: +SKIP
     >>> bench("out", min_samples=20)[0].env["session_file"]  # doctest: +SKIP
     'out/best.session.json'
+
+    ``cluster`` (``"auto"`` or an address) measures on a Ray cluster instead: one task per
+    target of ``targets`` (or ``target``) on a node with the target's ``ray_labels``, the
+    targets in parallel (deployopt.fleet); results are target by target, each with its node's
+    fingerprint in ``env``. A target with no node, or whose node died, gets INVALID results.
+
+    >>> bench(["a.onnx", "b.onnx"], targets=["edge", "x86"], cluster="auto")  # doctest: +SKIP
     """
     from deployopt.benchmark import BenchSpec, bench_models
     from deployopt.errors import UsageError
@@ -170,6 +180,13 @@ def bench(
     args = [models] if isinstance(models, (str, Path)) else list(models)
     if not args:
         raise UsageError("no model to benchmark")
+    if targets and cluster is None:
+        raise UsageError(
+            "--targets measures on a Ray cluster: add --cluster auto (or ray://HOST:PORT)",
+            hint="on this machine, measure one target at a time with --target NAME",
+        )
+    if targets and target is not None:
+        raise UsageError("give --target NAME or --targets A,B, not both")
     resolved = [resolve_model(m, session) for m in args]  # folders: best.onnx + session file
     paths = [m for m, _ in resolved]
     for p in paths:
@@ -188,7 +205,8 @@ def bench(
                 "itself (not its folder) without --session",
             )
     per_model = {n: apply_session(tgt, settings[f]) for n, f in session_of.items()}
-    resolve_provider(tgt.ep)  # a missing provider is an error listing the available ones
+    if cluster is None:  # on a cluster the nodes have the providers, not this machine
+        resolve_provider(tgt.ep)  # a missing provider is an error listing the available ones
     batches = list(batch)
     if not batches or min(batches) < 1:
         raise UsageError(f"bad batch sizes {batches}", hint="use positive integers, e.g. 1,8,32")
@@ -196,6 +214,30 @@ def bench(
         raise UsageError("min_samples and rounds must be >= 1, min_seconds >= 0")
     db = _history(history)  # a bad database fails before anything is measured
     fixed = tuple((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items())
+    if cluster is not None:
+        from deployopt import fleet
+
+        cfg = Path(config) if config else None
+        on = [resolve_target(n, None, threads, cfg) for n in targets] if targets else [tgt]
+        on = [t.model_copy(update={"include_copies": True}) if include_copies else t for t in on]
+        path_of = dict(zip(names, paths))
+
+        def session_file(r: BenchResult) -> BenchResult:
+            return _with_session_file(r, session_of.get(r.name))
+
+        def record(rs: list[BenchResult]) -> None:  # each as its target finishes
+            for r in map(session_file, rs):
+                record_results(db, "bench", path_of[r.name], [r])
+
+        specs = [BenchSpec(batch=b, seq=seq, shapes=fixed, min_samples=min_samples,
+                           min_seconds=min_seconds, rounds=rounds) for b in batches]  # fmt: skip
+        results, _ = fleet.bench(
+            path_of, on, specs, cluster=cluster, timeout_s=timeout_s,
+            schedule_timeout_s=schedule_timeout_s, on_results=record, log=log or (lambda s: None),
+            per_model={t.name: {n: apply_session(t, settings[f]) for n, f in session_of.items()}
+                       for t in on},
+        )  # fmt: skip
+        return [session_file(r) for r in results]
     results: list[BenchResult] = []
     for b in batches:
         spec = BenchSpec(
@@ -299,6 +341,9 @@ def gate(
     name: str | None = None,
     history: str | Path | bool | None = None,
     log: Callable[[str], None] | None = None,
+    cluster: str | None = None,
+    schedule_timeout_s: float = 60.0,
+    allow_version_mismatch: bool = False,
 ):
     """Judge ``model`` (measured now) or a recorded ``report`` against budgets, and/or compare
     ``model`` with a ``baseline`` (.onnx, measured in the same job, or ``"last-pass"`` from the
@@ -316,6 +361,11 @@ def gate(
     >>> g = gate("best.onnx", limits={"p50_ms": 12}, target="cpu")  # doctest: +SKIP
     >>> g.verdict  # doctest: +SKIP
     <Verdict.PASS: 'PASS'>
+
+    ``cluster`` (``"auto"`` or an address) judges each budget's target on a node of that
+    target (its ``ray_labels``), the targets in parallel, into one result with a check per
+    (target, limit); a node whose onnxruntime or deployopt version differs from this
+    machine's makes its checks INVALID unless ``allow_version_mismatch`` (deployopt.fleet).
     """
     from pydantic import ValidationError
 
@@ -330,6 +380,11 @@ def gate(
     log = log or (lambda s: None)
     if (model is None) == (report is None):
         raise UsageError("give either MODEL.onnx (measured now) or --report REPORT.json")
+    if cluster is not None and (report is not None or baseline is not None):
+        raise UsageError(
+            "--cluster measures budgets on the targets' nodes: not with --report or --baseline",
+            hint="judge a report or a baseline comparison on one machine, without --cluster",
+        )
     if report is not None and session is not None:
         raise UsageError(
             "--session needs a model measured now, not --report",
@@ -374,6 +429,12 @@ def gate(
         used = {b.target for b in budgets} | ({target or "cpu"} if baseline is not None else set())
         targets = gating.with_session(targets, used, settings)
         log(f"gate: session settings from {session_file}: {settings.describe()}")
+    if cluster is not None:
+        return _gate_on_cluster(model, budgets, targets, db, cluster, session_file, name, log,
+                                reference=Path(reference) if reference else None,
+                                min_samples=min_samples, min_seconds=min_seconds, rounds=rounds,
+                                timeout_s=timeout_s, schedule_timeout_s=schedule_timeout_s,
+                                allow_version_mismatch=allow_version_mismatch)  # fmt: skip
     checks, measured = gating.measure_budgets(
         model,
         budgets,
@@ -455,6 +516,35 @@ def gate(
         results=[r.to_json() for r in measured + baseline_results],
         mode="regression" if baseline is not None else "measure",
     )
+
+
+def _gate_on_cluster(model, budgets, targets, db, cluster, session_file, name, log, **kw):
+    """The fleet gate (deployopt.fleet.gate): each target's checks and results are recorded
+    with that target's verdict as soon as its task is in."""
+    from deployopt import fleet
+    from deployopt.judge import GateResult, overall
+
+    def record(checks, results) -> None:
+        results = [_with_session_file(r, session_file) for r in results]
+        record_results(db, "gate", model, results, overall(checks).value, name)
+
+    checks, measured, outcomes = fleet.gate(
+        model, budgets, targets, cluster=cluster, on_results=record, log=log, **kw
+    )
+    env = {"cluster": cluster, **{f"driver_{k}": v for k, v in fleet.driver_versions().items()}}
+    for n, o in outcomes.items():
+        env[f"node:{n}"] = (
+            f"{o.node['hostname']} {o.node['node_id'][:12]} onnxruntime {o.node['onnxruntime']} "
+            f"deployopt {o.node['deployopt']}"
+            if o.node
+            else (o.error or "no node")
+        )
+    if session_file is not None:
+        env["session_file"] = str(session_file)
+    measured = [_with_session_file(r, session_file) for r in measured]
+    return GateResult(model=str(model), checks=checks, verdict=overall(checks),
+                      environment=env, results=[r.to_json() for r in measured],
+                      mode="fleet")  # fmt: skip
 
 
 def distill(teacher: Any, data: str | Path, out: str | Path, **kwargs: Any):

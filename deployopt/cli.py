@@ -181,7 +181,16 @@ def _bench(given, models: list[Path], out, print_recipe, sets) -> None:
         return
     with err_console.status("measuring ...") as status:
         results = commands.bench([recipe.source.path], recipe.bench, lambda m: status.update(m))
-    display.print_bench_results(results)
+    for tgt in dict.fromkeys(r.target for r in results):  # a table per target (--targets)
+        group = [r for r in results if r.target == tgt]
+        display.print_bench_results(group)
+        env = group[0].env
+        if "node_id" in env:
+            mismatch = " [yellow]VERSION MISMATCH with this machine[/]" * (
+                env.get("version_mismatch") == "yes")  # fmt: skip
+            console.print(f"node {env['node_hostname']} ({env['node_id'][:12]}), onnxruntime "
+                          f"{env['node_onnxruntime']}, deployopt {env['node_deployopt']}"
+                          + mismatch, highlight=False)  # fmt: skip
     if recipe.bench.json_out:
         from deployopt.workspace import write_json
 
@@ -199,7 +208,8 @@ fl.command(
     epilog="Examples:\n\n  deployopt bench model.onnx --batch 1,8 --seq 128 --threads 2\n\n"
     "  deployopt bench fp32.onnx int8.onnx --target cpu-1t --json bench.json\n\n"
     "  deployopt bench model.onnx --shape x=4x3x224x224 --ep cuda\n\n"
-    "  deployopt bench out/ --target cpu  # out/best.onnx under out/best.session.json",
+    "  deployopt bench out/ --target cpu  # out/best.onnx under out/best.session.json\n\n"
+    "  deployopt bench a.onnx b.onnx --targets edge,x86 --config targets.toml --cluster auto",
 )  # fmt: skip
 
 
@@ -438,13 +448,21 @@ def history_cmd(
     compare: Annotated[
         bool,
         typer.Option(
-            "--compare", help="The latest p50 of each model on each target, side by side, "
-            "with the change since the previous result on that target."
+            "--compare",
+            help="The latest p50 of each model on each target, side by side, "
+            "with the change since the previous result on that target.",
         ),
     ] = False,  # fmt: skip
-    plot: Annotated[Path | None, typer.Option(
-        help="Write a PNG of p50 over time (with --compare: the targets side by side).")] = None,  # fmt: skip
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows (with --compare: the comparison) as JSON.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a PNG of p50 over time (with --compare: the targets side by side)."
+        ),
+    ] = None,  # fmt: skip
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the rows (with --compare: the comparison) as JSON."),
+    ] = None,
     history: HistoryOpt = None,
 ) -> None:
     """List, filter and compare recorded bench and gate results across targets and over time."""

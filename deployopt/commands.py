@@ -102,6 +102,8 @@ def bench(models: list[Any], opts: BenchOptions, log: Log = _quiet):
         shapes=dict(opts.shape), min_samples=opts.min_samples, min_seconds=opts.min_seconds,
         rounds=opts.rounds, include_copies=opts.include_copies, timeout_s=opts.timeout,
         history=False if opts.no_history else opts.history, log=log,
+        targets=list(opts.targets) or None, cluster=opts.cluster,
+        schedule_timeout_s=opts.schedule_timeout,
     )  # fmt: skip
 
 
@@ -140,6 +142,8 @@ def gate(model: Any, opts: GateOptions, folder: Path | None = None, log: Log = _
         min_samples=opts.min_samples, min_seconds=opts.min_seconds, rounds=opts.rounds,
         timeout_s=opts.timeout, name=opts.name,
         history=False if opts.no_history else opts.history, log=log,
+        cluster=opts.cluster, schedule_timeout_s=opts.schedule_timeout,
+        allow_version_mismatch=opts.allow_version_mismatch,
     )  # fmt: skip
 
 

@@ -57,9 +57,12 @@ GATE_HELP = (
     "  deployopt gate new.onnx --baseline old.onnx --max-slowdown 5%\n\n"
     "  deployopt gate new.onnx --baseline last-pass --target cpu-1t\n\n"
     "  deployopt gate out/ --budget budgets.toml  # out/best.onnx under out/best.session.json\n\n"
+    "  deployopt gate model.onnx --budget budgets.toml --cluster auto --junit gate.xml  # each "
+    "target's budgets on its Ray node (ray_labels)\n\n"
     "Budget file: [[budgets]] tables with target, batch, seq (or shape = { x = [1, 16] }), "
     "p50_ms, p90_ms, p95_ms, p99_ms, min_throughput, max_size_mb, min_cosine (mean cosine), "
-    "min_min_cosine (the worst sample's cosine); [targets.NAME] tables as in --config."
+    "min_min_cosine (the worst sample's cosine); [targets.NAME] tables as in --config (with "
+    "ray_labels for --cluster)."
 )
 
 

@@ -8,6 +8,7 @@ TOML config file::
     threads = 2
     graph_optimization = "all"
     session_config = { "session.intra_op.allow_spinning" = "0" }
+    ray_labels = { "deployopt/target" = "edge-2t" }   # its node on a Ray cluster (--cluster)
 
 A session file (``OUT/best.session.json``, written by ``deployopt optimize``) holds the session
 settings a model was measured fastest with; :func:`apply_session` puts them on a target, so that
@@ -41,6 +42,10 @@ class Target(BaseModel):
     include_copies: bool = False  # time host<->device copies too
     # onnxruntime session config entries, e.g. {"session.intra_op.allow_spinning" = "0"}
     session_config: dict[str, str] = Field(default_factory=dict)
+    # where the target runs on a Ray cluster (deployopt.fleet): Ray node labels the node must
+    # carry, e.g. {"deployopt/target" = "edge-arm"} for `ray start --labels
+    # deployopt/target=edge-arm`; empty: this machine only
+    ray_labels: dict[str, str] = Field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.name} ({self.ep}, {self.threads or 'all'} threads)"
