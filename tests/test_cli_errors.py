@@ -213,7 +213,11 @@ def test_ctrl_c_exits_130_and_says_so(tmp_path, command):
     argv = [sys.executable, "-m", "deployopt", command, str(model), "--min-seconds", "120"]
     argv += ["--no-history"] + (["--p50-ms", "100"] if command == "gate" else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a test run started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the CLI the default, as a
+    # terminal or a CI runner does
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not _children(p.pid) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.2)  # wait for the measurement worker: the CLI is then inside the command

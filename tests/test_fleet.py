@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import xml.etree.ElementTree as ET
 
 import onnx
@@ -155,6 +156,34 @@ def test_node_lost_mid_run_invalid_while_the_other_target_finishes(cluster, file
     assert c["target"] == "fleet-c" and not c["valid"]
     assert c["invalid"][0].startswith("node lost: ")
     assert c["env"]["node_id"] == node_c.node_id  # it had started there
+
+
+def test_an_interrupted_driver_records_nothing_and_leaves_no_task(cluster, files, monkeypatch):
+    """Ctrl-C in the driver while fleet-a's task measures (raised as it reports it started,
+    with a 60 s measurement ahead): exit 130, no history row, and the task cancelled: its CPU
+    on the node is free again well before the measurement could have ended (the cluster runs
+    no dashboard to list tasks by)."""
+    import ray
+
+    real_run = fleet.run
+
+    def interrupt(o: fleet.Outcome) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        fleet, "run", lambda *a, **kw: real_run(*a, **{**kw, "on_started": interrupt})
+    )
+    db = files / "interrupted.sqlite"
+    code = cli("bench", str(files / "m1.onnx"), "--targets", "fleet-a", "--config",
+               str(files / "targets.toml"), "--cluster", "auto", "--history", str(db),
+               "--min-samples", "20", "--min-seconds", "60", "--rounds", "1")  # fmt: skip
+    assert code == 130
+    assert not db.exists() or History(db).count() == 0
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 30  # cancellation reaches the node asynchronously
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total
 
 
 BUDGETS = target_table("fleet-a", "fleet-b") + "".join(
