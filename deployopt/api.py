@@ -182,7 +182,7 @@ def bench(
         raise UsageError("no model to benchmark")
     if targets and cluster is None:
         raise UsageError(
-            "--targets measures on a Ray cluster: add --cluster auto (or ray://HOST:PORT)",
+            "--targets measures on a Ray cluster: add --cluster auto (or HOST:PORT)",
             hint="on this machine, measure one target at a time with --target NAME",
         )
     if targets and target is not None:

@@ -50,7 +50,7 @@ class ClusterUnavailableError(RuntimeUnavailableError):
 
     default_hint = (
         "start one (`ray start --head --labels deployopt/target=NAME` on each node), set "
-        "RAY_ADDRESS=HOST:PORT, or pass --cluster ray://HOST:10001"
+        "RAY_ADDRESS=HOST:PORT, or pass --cluster HOST:6379"
     )
 
 
@@ -103,17 +103,28 @@ def _require_ray():
 def connected(cluster: str):
     """Connect this process to ``cluster`` as a Ray driver for the block: ``auto`` (the
     cluster RAY_ADDRESS names or the one started on this machine, found by Ray), or an
-    address (``ray://HOST:PORT`` for Ray Client, ``HOST:PORT`` for the GCS). An existing
-    connection of this process is used as it is. Never starts a cluster."""
+    address (``HOST:PORT``, the head's GCS; a ``ray://`` Ray Client address is refused: Ray
+    Client has no streaming generators). An existing connection of this process is used as it
+    is. Never starts a cluster."""
     ray = _require_ray()
     if ray.is_initialized():
         yield ray
         return
     if not cluster.strip():
-        raise UsageError("--cluster is empty", hint="use auto, ray://HOST:PORT or HOST:PORT")
+        raise UsageError("--cluster is empty", hint="use auto or HOST:PORT (the head's GCS)")
     import logging
 
     where = cluster if cluster != "auto" else os.environ.get("RAY_ADDRESS") or _found(cluster)
+    if where.startswith("ray://"):
+        # tried against a real head with ray[client]: Ray Client cannot carry the streaming
+        # generator a target's task is ('ObjectRefGenerator' object has no attribute 'binary')
+        raise UsageError(
+            f"--cluster {cluster}: {where} is a Ray Client address, and Ray Client does not "
+            "support the streaming tasks deployopt runs per target",
+            hint="give the head's GCS address (--cluster HOST:6379) from a machine on the "
+            "cluster's network, or run the command on the cluster as a Ray job: `ray job submit "
+            "--address http://HEAD:8265 -- deployopt bench ... --cluster auto`",
+        )
     _probe(cluster, where)
     try:
         ray.init(
@@ -159,7 +170,7 @@ def _probe(cluster: str, address: str, timeout_s: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise UsageError(
             f"--cluster {cluster}: {address!r} is not an address",
-            hint="use auto, ray://HOST:PORT (Ray Client) or HOST:PORT (the head's GCS port)",
+            hint="use auto or HOST:PORT (the head's GCS port)",
         )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()

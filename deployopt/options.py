@@ -261,7 +261,8 @@ class MeasureOptions(Options):
     cluster: str | None = opt(
         None,
         "Measure on a Ray cluster: auto (the one RAY_ADDRESS names or that runs on this "
-        "machine), ray://HOST:PORT or HOST:PORT. Each target runs as one task on a node with "
+        "machine) or HOST:PORT (the head's GCS; ray:// Ray Client addresses are refused). Each "
+        "target runs as one task on a node with "
         "its ray_labels, the targets in parallel; no cluster found is an error (exit 4).",
     )
     schedule_timeout: float = opt(

@@ -89,6 +89,7 @@ def test_cluster_auto_without_a_cluster_says_so(files, monkeypatch, tmp_path):
         (["--targets", "cpu", "--cluster", "auto"], "target 'cpu' has no ray_labels"),
         (["--targets", "nope", "--cluster", "auto"], "unknown target 'nope'"),
         (["--cluster", "127.0.0.1:1", "--targets", "fleet-a"], "cannot reach 127.0.0.1:1"),
+        (["--cluster", "ray://127.0.0.1:1", "--targets", "fleet-a"], "is a Ray Client address"),
     ],
 )
 def test_fleet_usage_errors(files, args, text):
