@@ -402,14 +402,15 @@ def search(
     prune_dominated, max_trials, max_minutes, sampler (auto, grid, tpe, nsga2), seed. Stages
     are cached and shared between trials; a killed search resumes. Writes OUT/best.onnx,
     OUT/search.{json,md,png}; exit 6 when no trial meets the budget."""
+    from deployopt import display
     from deployopt import recipe as rc
     from deployopt import search as srch
 
     r = rc.load(recipe)
     if r.search is None:
         raise errors.UsageError(f"{recipe}: no [search] table", hint="run it with deployopt run")
-    with err_console.status("searching ...") as status:
-        doc = srch.run(r, _need_out(out), on_event=lambda e: status.update(str(e)[:100]))
+    with display.StageLines() as lines:
+        doc = srch.run(r, _need_out(out), on_event=lines.event)
     console.print(Path(_need_out(out) / "search.md").read_text(), highlight=False)
     console.print(f"best: {doc['best']}", highlight=False)
 

@@ -359,6 +359,13 @@ class StageLines:
                               highlight=False, soft_wrap=True)  # fmt: skip
         elif isinstance(e, ev.StageLog):
             self.status.update(f"{e.stage}: {e.message[:100]}")
+        elif isinstance(e, ev.TrialStarted):
+            err_console.print(styled(f"trial {e.number}", "bold", f"  {e.chain}"), highlight=False,
+                              soft_wrap=True)  # fmt: skip
+        elif isinstance(e, ev.TrialFinished):
+            style = "green" if e.status == "ok" else "yellow"
+            err_console.print(styled(f"  {e.status}", style, f"  {e.summary}"), highlight=False,
+                              soft_wrap=True)  # fmt: skip
         elif isinstance(e, ev.VariantStarted):
             self.status.update(f"optimize: building {e.name} ...")
         elif isinstance(e, ev.BenchRound):

@@ -76,7 +76,22 @@ class StageFailed:
     error: str
 
 
+# searches (deployopt.search)
+@dataclass(frozen=True)
+class TrialStarted:
+    number: int
+    chain: str  # "student_layers=[0, 5], heads=0.5, variants=['int8-dynamic']"
+
+
+@dataclass(frozen=True)
+class TrialFinished:
+    number: int
+    status: str  # ok | over budget | no variant | stopped early | dominated | failed
+    summary: str = ""
+
+
 Event = (
     VariantsPlanned | VariantStarted | VariantFinished | BenchRound | Shipped
     | StageStarted | StageCached | StageDone | StageLog | StageFailed
+    | TrialStarted | TrialFinished
 )  # fmt: skip

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deployopt import events as ev
 from deployopt import pipeline
 from deployopt.errors import ConfigError, NoViableVariantError
 from deployopt.recipe import Recipe
@@ -354,7 +355,45 @@ def _dominator(study, point: dict[str, Any], limit: float):
     return None
 
 
+def _chain(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
 def _objective(trial, recipe, point, reference, out, emit, study):
+    """One trial, announced by TrialStarted and closed by TrialFinished events."""
+    emit(ev.TrialStarted(trial.number, _chain(point)))
+    try:
+        value = _run_trial(trial, recipe, point, reference, out, emit, study)
+    except BaseException as e:
+        import optuna
+
+        if isinstance(e, optuna.TrialPruned):
+            reason = trial.user_attrs.get("reason", "")
+            emit(ev.TrialFinished(trial.number, _status("PRUNED", reason), reason))
+        else:
+            emit(ev.TrialFinished(trial.number, "failed", f"{type(e).__name__}: {e}"))
+        raise
+    a = trial.user_attrs
+    reason = a.get("reason", "")
+    if not reason:
+        reason = f"{a.get('chosen')}: {a['latency_ms']:.3g} ms, metric {a['metric']:.2f} (drop "
+        reason += f"{a['drop']:.2f})"
+    emit(ev.TrialFinished(trial.number, _status("COMPLETE", a.get("reason", "")), reason))
+    return value
+
+
+def _status(state: str, reason: str) -> str:
+    """A trial's status in the report, from its Optuna state and the reason it recorded."""
+    if state == "PRUNED":
+        return "dominated" if reason.startswith("dominated") else "stopped early"
+    if state != "COMPLETE":
+        return "failed" if state == "FAIL" else state.lower()
+    if reason:
+        return "no variant" if reason.startswith("no variant") else "over budget"
+    return "ok"
+
+
+def _run_trial(trial, recipe, point, reference, out, emit, study):
     import optuna
 
     s = recipe.search
@@ -416,14 +455,8 @@ def _objective(trial, recipe, point, reference, out, emit, study):
 
 def _record(t) -> Trial:
     a = t.user_attrs
-    status = {"COMPLETE": "ok", "PRUNED": "stopped early", "FAIL": "failed"}.get(
-        t.state.name, t.state.name.lower()
-    )
     reason = a.get("reason", "")
-    if status == "stopped early" and reason.startswith("dominated"):
-        status = "dominated"
-    if status == "ok" and reason:
-        status = "no variant" if reason.startswith("no variant") else "over budget"
+    status = _status(t.state.name, reason)
     return Trial(
         number=t.number,
         params=a.get("point", {}),

@@ -102,6 +102,11 @@ def test_trials_dominated_by_a_smaller_one_within_budget_never_run(labelled, tmp
         assert t["reason"].startswith("dominated by trial") and t["folder"] is None
     done = [e.stage for e in seen if isinstance(e, ev.StageDone)]
     assert done.count("optimize") == 1 + 2 and done.count("distill") == 1
+    # each trial announced and closed by events, with the status the report gives it
+    started = [e.number for e in seen if isinstance(e, ev.TrialStarted)]
+    finished = {e.number: e.status for e in seen if isinstance(e, ev.TrialFinished)}
+    assert sorted(started) == sorted(finished) == sorted(t["number"] for t in doc["trials"])
+    assert finished == {t["number"]: t["status"] for t in doc["trials"]}
     assert done.count("prune") == 1  # the student's; the original is never pruned
 
 
@@ -178,6 +183,22 @@ def test_a_killed_search_resumes_without_rebuilding_or_repeating(labelled, tmp_p
     assert not set(again) & set(before)  # nothing the killed run finished is built again
     assert sorted(t["params"]["heads"] for t in doc["trials"]) == [0.0, 0.5]
     assert all(t["status"] == "ok" for t in doc["trials"])
+
+
+def test_the_cli_prints_each_trial_and_the_table(labelled, tmp_path):
+    model, data = labelled
+    d = _recipe(model, data)
+    d["search"] = {"variants": [["int8-dynamic"]], "max_accuracy_drop": 100.0}
+    path = tmp_path / "search.toml"
+    path.write_text(rc.to_toml(rc.from_dict(d)))
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "deployopt", "search", str(path), "-o",
+                        str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    err = " ".join(p.stderr.split())
+    assert "trial 0 variants=['int8-dynamic']" in err and " ok " in err and " ms, metric " in err
+    assert "| 0 | variants=['int8-dynamic'] |" in p.stdout and "Winner: trial 0" in p.stdout
 
 
 def test_an_accuracy_budget_that_looks_like_a_fraction_is_warned_about(labelled, tmp_path):
