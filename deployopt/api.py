@@ -214,6 +214,8 @@ def bench(
         raise UsageError("min_samples and rounds must be >= 1, min_seconds >= 0")
     db = _history(history)  # a bad database fails before anything is measured
     fixed = tuple((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items())
+    specs = [BenchSpec(batch=b, seq=seq, shapes=fixed, min_samples=min_samples,
+                       min_seconds=min_seconds, rounds=rounds) for b in batches]  # fmt: skip
     if cluster is not None:
         from deployopt import fleet
 
@@ -229,8 +231,6 @@ def bench(
             for r in map(session_file, rs):
                 record_results(db, "bench", path_of[r.name], [r])
 
-        specs = [BenchSpec(batch=b, seq=seq, shapes=fixed, min_samples=min_samples,
-                           min_seconds=min_seconds, rounds=rounds) for b in batches]  # fmt: skip
         results, _ = fleet.bench(
             path_of, on, specs, cluster=cluster, timeout_s=timeout_s,
             schedule_timeout_s=schedule_timeout_s, on_results=record, log=log or (lambda s: None),
@@ -239,15 +239,7 @@ def bench(
         )  # fmt: skip
         return [session_file(r) for r in results]
     results: list[BenchResult] = []
-    for b in batches:
-        spec = BenchSpec(
-            batch=b,
-            seq=seq,
-            shapes=fixed,
-            min_samples=min_samples,
-            min_seconds=min_seconds,
-            rounds=rounds,
-        )
+    for spec in specs:
         res = bench_models(
             dict(zip(names, map(str, paths))),
             tgt,

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -644,20 +645,27 @@ class Runner:
         self._write_meta(v)
         return v
 
+    @cached_property
+    def _parity_ep(self) -> str:
+        """The EP parity runs on (the target's, resolved once: it may read the config file)."""
+        from deployopt.runtime.session import parity_provider
+        from deployopt.ship import target_of
+
+        return parity_provider(target_of(self.cfg).ep)
+
     def _outputs(self, path: Path, label: str):
         """The model's outputs on the evaluation set, computed in a worker process: on the
         target's EP when it is a GPU EP (the reference and every candidate alike, so an fp16
         model is proven where it runs), else on the CPU."""
-        from deployopt.runtime.session import model_outputs, parity_provider
+        from deployopt.runtime.session import model_outputs
         from deployopt.runtime.worker import run_in_worker
-        from deployopt.ship import target_of
 
         return run_in_worker(
             model_outputs,
             path,
             self._evaluation,
             self.cfg.threads,
-            parity_provider(target_of(self.cfg).ep),
+            self._parity_ep,
             timeout_s=self.cfg.worker_timeout_s,
             label=f"{label} parity",
         )

@@ -253,12 +253,11 @@ def _size_order(point: dict[str, Any], dims: dict[str, list]) -> tuple:
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
-def _resume(study) -> None:
+def _resume(study, storage) -> None:
     """A trial still RUNNING when the search starts was cut short by a kill: mark it failed
     (and interrupted), so its point is queued again; its finished stages are in the cache."""
     from optuna.trial import TrialState
 
-    storage = study._storage  # the RDB storage the study was created with
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
@@ -266,13 +265,13 @@ def _resume(study) -> None:
         storage.set_trial_state_values(tid, TrialState.FAIL)
 
 
+def _counts(t) -> bool:
+    """Whether a trial counts: finished, and not interrupted by a kill (those run again)."""
+    return t.state.name in FINISHED and not t.user_attrs.get("interrupted")
+
+
 def _counted(study) -> list:
-    """Trials that count: finished ones, less those a kill interrupted (run again)."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state.name in FINISHED and not t.user_attrs.get("interrupted")
-    ]
+    return [t for t in study.get_trials(deepcopy=False) if _counts(t)]
 
 
 def run(recipe: Recipe, out: str | Path, *, on_event: Callable | None = None) -> dict[str, Any]:
@@ -299,10 +298,11 @@ def run(recipe: Recipe, out: str | Path, *, on_event: Callable | None = None) ->
         else optuna.samplers.TPESampler(seed=s.seed)  # a grid's points are all queued
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'search.db'}")
     try:
         study = optuna.create_study(
             study_name="deployopt",
-            storage=f"sqlite:///{out / 'search.db'}",
+            storage=storage,
             load_if_exists=True,
             directions=["minimize", "maximize"] if pareto else ["minimize"],
             sampler=sampler,
@@ -314,13 +314,13 @@ def run(recipe: Recipe, out: str | Path, *, on_event: Callable | None = None) ->
             f"{out / 'search.db'}: this search was run with the other objective",
             hint="a search keeps its objective: use a new -o folder to change it",
         )
-    _resume(study)
+    _resume(study, storage)
     counted = _counted(study)
     if use_grid:
         queued = {
             json.dumps(t.system_attrs.get("fixed_params", t.params), sort_keys=True)
             for t in study.get_trials(deepcopy=False)
-            if t.state.name == "WAITING" or t in counted
+            if t.state.name == "WAITING" or _counts(t)
         }
         for point in sorted(grid, key=lambda p: _size_order(p, dims)):
             params = {k: _encode(v) for k, v in point.items()}

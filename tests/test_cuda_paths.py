@@ -285,6 +285,7 @@ def test_optimize_runs_its_parity_sessions_on_the_targets_gpu_ep(gpu_ort, model_
     for target, providers in (("cuda", [CUDA, CPU]), ("cpu", [CPU])):
         cfg = OptimizeConfig(target=target)
         me = SimpleNamespace(cfg=cfg, _evaluation=feeds)
+        me._parity_ep = Runner._parity_ep.func(me)  # the Runner's property, on this stand-in
         out = Runner._outputs(me, model_path, "fp32")
         assert made[-1].providers == providers and out[0]["Y"].shape == (2, 4)
 
