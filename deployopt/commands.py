@@ -36,6 +36,7 @@ def train_config(opts: DistillOptions | PruneOptions):
             weight_decay=opts.weight_decay, warmup_ratio=opts.warmup,
             max_grad_norm=opts.max_grad_norm, patience=opts.patience, seed=opts.seed,
             checkpoint_every=opts.checkpoint_every, precision=opts.precision,
+            dropout=opts.dropout,
         )  # fmt: skip
     return TrainConfig(
         epochs=max(1, opts.recover_epochs), batch_size=opts.batch_size, lr=opts.lr,

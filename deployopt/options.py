@@ -134,7 +134,7 @@ class DistillOptions(TrainOptions):
     loss: str | None = opt(
         None,
         "Losses with weights: embedding (MSE), cosine (1 - cos), kd, ce, hidden, attention "
-        "(e.g. embedding,hidden:0.5). Default: cosine,hidden for sentence encoders (hidden "
+        "(e.g. embedding,hidden:0.5). Default: cosine,hidden:3 for sentence encoders (hidden "
         "alone for a narrower student), kd for classifiers.",
     )
     epochs: int = opt(3, "Training epochs.", ge=1, panel=TRAIN)
@@ -142,6 +142,13 @@ class DistillOptions(TrainOptions):
                               panel=TRAIN)  # fmt: skip
     warmup: float = opt(0.1, "Fraction of steps for linear warm-up.", ge=0, lt=1, panel=TRAIN)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", ge=0, panel=TRAIN)
+    dropout: float | None = opt(
+        None,
+        "The student's dropout while training (its saved config keeps its own). Default: 0 for "
+        "sentence encoders, which regress onto the teacher's outputs; the model's own for "
+        "classifiers.",
+        ge=0, lt=1, panel=TRAIN,
+    )  # fmt: skip
     patience: int = opt(2, "Epochs without a better eval score before stopping.", ge=1,
                         panel=TRAIN)  # fmt: skip
     temperature: float = opt(4.0, "KD softmax temperature T.", gt=0)

@@ -4,6 +4,7 @@ data files that name their line."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -416,12 +417,39 @@ def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir
     assert windowed.cache.shape[0] == windowed.n
 
 
+def test_teacher_embeddings_come_from_the_cache_or_the_per_batch_run_alike(tiny_bert_dir):
+    """With a hidden loss the teacher runs on every batch, so its pooled embedding is taken
+    from that run instead of a cache: the loss is the same either way."""
+    from deployopt.sources import load_source
+    from deployopt.torchside.tasks import EmbeddingTask
+    from tests.models import WORDS
+
+    src = load_source(str(tiny_bert_dir))
+    teacher = src.module.model if hasattr(src.module, "model") else src.module
+    texts = [" ".join(WORDS[i : i + 5 + i % 7]) for i in range(24)]
+    cached = EmbeddingTask(teacher, src.tokenizer, texts, texts, {"cosine": 1.0})
+    both = EmbeddingTask(teacher, src.tokenizer, texts, texts, {"cosine": 1.0, "hidden": 0.0},
+                         layer_map=[(0, 0)])  # fmt: skip
+    assert cached.cache is not None and both.cache is None
+    torch.manual_seed(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student.eval()
+    idx = torch.tensor([3, 0, 17, 9, 22])
+    a, b = cached.loss(student, idx), both.loss(student, idx)
+    assert a.item() > 1e-4  # a perturbed student is not the teacher
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_learning_rate_and_batch_defaults_follow_the_task(tiny_bert_dir, tmp_path):
     from deployopt.stages.distill import distill
     from deployopt.torchside.train import (
         BATCH,
         CLASSIFIER_LR,
         SENTENCE_BATCH,
+        SENTENCE_DROPOUT,
         SENTENCE_LR,
         task_defaults,
     )
@@ -434,13 +462,49 @@ def test_learning_rate_and_batch_defaults_follow_the_task(tiny_bert_dir, tmp_pat
     assert task_defaults(TrainConfig(), True, recovery=True).batch_size == BATCH
     c = task_defaults(TrainConfig(lr=0.1, batch_size=3), True)
     assert (c.lr, c.batch_size) == (0.1, 3)  # what the caller gave is kept
+    # dropout: off for a sentence-encoder student, the model's own (None) for a classifier or a
+    # pruned model's recovery, and what the caller gave when given
+    assert task_defaults(TrainConfig(), True).dropout == SENTENCE_DROPOUT == 0.0
+    assert task_defaults(TrainConfig(), False).dropout is None
+    assert task_defaults(TrainConfig(), True, recovery=True).dropout is None
+    assert task_defaults(TrainConfig(dropout=0.2), True).dropout == 0.2
     data = tmp_path / "t.txt"
     data.write_text("\n".join(" ".join(WORDS[i : i + 6]) for i in range(40)))
     res = distill(tiny_bert_dir, data, tmp_path / "o", student_layers="1",
                   train=TrainConfig(epochs=1, seed=0), progress=False, log=lambda s: None)  # fmt: skip
     rep = json.loads(res.report.read_text())
     assert rep["train"]["lr"] == SENTENCE_LR and rep["train"]["batch_size"] == SENTENCE_BATCH
-    assert rep["losses"] == {"cosine": 1.0, "hidden": 1.0}
+    assert rep["losses"] == {"cosine": 1.0, "hidden": 3.0}
+    assert rep["train"]["dropout"] == 0.0
+    # the saved student keeps its config's dropout (the student trained without it)
+    saved = json.loads((tmp_path / "o" / "student" / "config.json").read_text())
+    assert (
+        saved["hidden_dropout_prob"]
+        == json.loads((tiny_bert_dir / "config.json").read_text())["hidden_dropout_prob"]
+    )
+
+
+def test_student_dropout_is_set_while_training_and_restored_after(tmp_path):
+    from deployopt.torchside.train import Trainer
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    seen = []
+
+    def loss(m, idx):
+        seen.append((m.training, m[1].p))
+        return nn.functional.mse_loss(m(x[idx]), y[idx])
+
+    def evaluate(m):
+        return {"score": -float(nn.functional.mse_loss(m(x), y))}
+
+    for dropout, expect in ((0.0, 0.0), (0.5, 0.5), (None, 0.3)):
+        seen.clear()
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, dropout=dropout)
+        Trainer(model, loss, 32, evaluate, cfg, tmp_path / str(dropout), log=lambda s: None,
+                progress=False).fit()  # fmt: skip
+        assert seen == [(True, expect)] * 4
+        assert model[1].p == 0.3  # the model's own again after training
 
 
 def test_small_corpus_warning_says_what_to_expect():

@@ -332,3 +332,19 @@ def test_drop_layers_keeps_the_rest(bert, tmp_path):
         want = ref(**x, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(got, want)
     assert isinstance(res.model.encoder.layer[0], nn.Module)
+
+
+def test_sentence_encoder_recovery_uses_its_own_losses_and_the_models_dropout(
+    bert, texts, tmp_path
+):
+    from deployopt.stages.prune import RECOVERY_LOSSES
+    from deployopt.torchside.lossnames import parse_losses
+
+    res = deployopt.prune(bert, tmp_path / "p", heads=0.5, ffn=0.5, data=texts, recover_epochs=1,
+                          progress=False, log=lambda s: None)  # fmt: skip
+    rep = json.loads(res.report.read_text())["recovery"]
+    # hidden states at equal weight, not distillation's hidden:3; dropout stays the model's own
+    assert rep["losses"] == parse_losses(RECOVERY_LOSSES) == {"cosine": 1.0, "hidden": 1.0}
+    assert rep["train"]["dropout"] is None and rep["train"]["batch_size"] == 32
+    m = res.metrics
+    assert 0 < m["pruned"]["score"] <= 1 and 0 < m["recovered"]["score"] <= 1

@@ -125,8 +125,10 @@ MIN_WINDOW = 16  # tokens: a shorter trailing window of a long text is not train
 class EmbeddingTask:
     """Sentence-embedding distillation on unlabelled text: pooled-embedding loss (``embedding``:
     MSE; ``cosine``: 1 - cosine), optionally hidden-state MSE and attention KL on a layer
-    mapping. Scored by the mean cosine between student and teacher embeddings on held-out
-    text, each text cut at ``max_length`` tokens as the model is used.
+    mapping. The teacher's pooled embeddings are cached once when only they are needed; with
+    the hidden or attention losses the teacher runs on each batch and brings them along.
+    Scored by the mean cosine between student and teacher embeddings on held-out text, each
+    text cut at ``max_length`` tokens as the model is used.
 
     ``windows``: a training text longer than ``max_length`` tokens gives one example per
     ``max_length`` window, each overlapping the one before by half, so all of it teaches the
@@ -152,12 +154,22 @@ class EmbeddingTask:
         self.enc = self._encode(self.texts, self.windows)
         self.eval_enc = self._encode(self.eval_texts)
         desc = "teacher outputs" if self.progress else None
-        self.cache = _in_chunks(
-            lambda i: self._embed(self.teacher, self.enc, i), len(self.enc), desc=desc
+        # the hidden and attention losses run the teacher on every batch, and its pooled
+        # embedding comes with that run: a cache of it would be one more teacher pass
+        self.cache = (
+            None
+            if self._teacher_per_batch
+            else _in_chunks(
+                lambda i: self._embed(self.teacher, self.enc, i), len(self.enc), desc=desc
+            )
         )
         self.eval_cache = _in_chunks(
             lambda i: self._embed(self.teacher, self.eval_enc, i), len(self.eval_texts), desc=desc
         )
+
+    @property
+    def _teacher_per_batch(self) -> bool:
+        return bool(self.layer_map) and ("hidden" in self.losses or "attention" in self.losses)
 
     @property
     def n(self) -> int:
@@ -195,18 +207,21 @@ class EmbeddingTask:
         mask = b["attention_mask"]
         emb = mean_pool(out.last_hidden_state, mask)
         total = emb.new_zeros(())
-        idx = idx.to(self.device)
-        if "embedding" in self.losses:
-            total = total + self.losses["embedding"] * embedding_loss(
-                emb, self.cache[idx], self.embedding_kind
-            )
-        if "cosine" in self.losses:  # 1 - cosine: the direction alone, what retrieval uses
-            total = total + self.losses["cosine"] * embedding_loss(emb, self.cache[idx], "cosine")
-        if need_h or need_a:
+        if self.cache is None:
             with torch.no_grad():
                 t_out = self.teacher(
                     **b, output_hidden_states=bool(need_h), output_attentions=bool(need_a)
                 )
+            t_emb = mean_pool(t_out.last_hidden_state, mask)
+        else:
+            t_emb = self.cache[idx.to(self.device)]
+        if "embedding" in self.losses:
+            total = total + self.losses["embedding"] * embedding_loss(
+                emb, t_emb, self.embedding_kind
+            )
+        if "cosine" in self.losses:  # 1 - cosine: the direction alone, what retrieval uses
+            total = total + self.losses["cosine"] * embedding_loss(emb, t_emb, "cosine")
+        if need_h or need_a:
             for k, (s_l, t_l) in enumerate(self.layer_map):
                 if need_h:  # hidden_states[0] is the embeddings: layer L's output is L + 1
                     proj = self.projections[k] if self.projections is not None else None
