@@ -393,7 +393,7 @@ def test_each_student_layer_learns_the_end_of_the_block_it_replaces():
 
 def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir):
     from deployopt.sources import load_source
-    from deployopt.torchside.tasks import MIN_WINDOW, EmbeddingTask
+    from deployopt.torchside.tasks import MIN_WINDOW, WINDOW_OVERLAP, EmbeddingTask
 
     src = load_source(str(tiny_bert_dir))
     teacher = src.module.model if hasattr(src.module, "model") else src.module
@@ -411,8 +411,9 @@ def test_long_texts_train_as_windows_and_are_scored_on_their_first(tiny_bert_dir
     assert all(len(x) >= MIN_WINDOW for x in windowed.enc[1:])  # no tiny tail window
     # every token of the long text is in some window (each window adds [CLS] and [SEP])
     assert sum(len(x) - 2 for x in windowed.enc[1:]) >= n_tokens - 2 - MIN_WINDOW
-    # consecutive windows overlap by half (16 tokens of 32), so each token has context
-    assert windowed.enc[2][1:17] == windowed.enc[1][-17:-1]
+    # consecutive windows overlap by three quarters (24 tokens of 32), so each token has context
+    assert WINDOW_OVERLAP == 0.75
+    assert windowed.enc[2][1:25] == windowed.enc[1][-25:-1]
     assert windowed.eval_enc == plain.eval_enc  # scored as the model is used: first window
     assert windowed.cache.shape[0] == windowed.n
 
