@@ -346,5 +346,6 @@ def test_sentence_encoder_recovery_uses_its_own_losses_and_the_models_dropout(
     # hidden states at equal weight, not distillation's hidden:3; dropout stays the model's own
     assert rep["losses"] == parse_losses(RECOVERY_LOSSES) == {"cosine": 1.0, "hidden": 1.0}
     assert rep["train"]["dropout"] is None and rep["train"]["batch_size"] == 32
+    assert rep["window_overlap"] == 0.5  # distillation's default is 0.75
     m = res.metrics
     assert 0 < m["pruned"]["score"] <= 1 and 0 < m["recovered"]["score"] <= 1

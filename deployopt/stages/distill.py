@@ -26,7 +26,12 @@ from deployopt.torchside import students as st
 from deployopt.torchside.data import ImageData, TextData, load_data
 from deployopt.torchside.device import check_precision, describe, resolve_device
 from deployopt.torchside.lossnames import parse_losses
-from deployopt.torchside.tasks import ClassifierTask, EmbeddingTask, projections_for
+from deployopt.torchside.tasks import (
+    WINDOW_OVERLAP,
+    ClassifierTask,
+    EmbeddingTask,
+    projections_for,
+)
 from deployopt.torchside.train import TrainConfig, Trainer, barrier, dist_info, task_defaults
 from deployopt.workspace import write_json
 
@@ -298,7 +303,7 @@ def block_ends(kept: Sequence[int] | None, n_student: int, n_teacher: int) -> li
 
 def embedding_task(
     t_model, s_model, src, data, evalset, losses, how, max_length, frac, cfg, progress=False,
-    windows=True, device="cpu",
+    windows=True, device="cpu", window_overlap=WINDOW_OVERLAP,
 ):  # fmt: skip
     t_dim, s_dim = t_model.config.hidden_size, s_model.config.hidden_size
     # the pooled-embedding losses need the teacher's width: a narrower student learns the hidden
@@ -328,6 +333,7 @@ def embedding_task(
     task = EmbeddingTask(
         t_model, src.tokenizer, train_texts, eval_texts, loss_w, layer_map, max_length,
         projections=projs, progress=progress, windows=windows, device=device,
+        window_overlap=window_overlap,
     )  # fmt: skip
     return task, loss_w, [projs] if projs is not None else []
 

@@ -137,7 +137,7 @@ class EmbeddingTask:
     text cut at ``max_length`` tokens as the model is used.
 
     ``windows``: a training text longer than ``max_length`` tokens gives one example per
-    ``max_length`` window, each overlapping the one before by three quarters (``WINDOW_OVERLAP``),
+    ``max_length`` window, each overlapping the one before by ``window_overlap`` (3/4),
     so all of it teaches the student, every token in several contexts, not only its first
     window (2,700 20 Newsgroups posts: 7.4 examples a text; a trailing window under 16 tokens
     is dropped)."""
@@ -153,6 +153,7 @@ class EmbeddingTask:
     projections: nn.ModuleList | None = None
     progress: bool = False
     windows: bool = False
+    window_overlap: float = WINDOW_OVERLAP
     device: torch.device | str = "cpu"
 
     def __post_init__(self):
@@ -190,7 +191,7 @@ class EmbeddingTask:
             )["input_ids"]
         enc = self.tokenizer(
             list(texts), truncation=True, max_length=self.max_length, padding=False,
-            return_overflowing_tokens=True, stride=int(self.max_length * WINDOW_OVERLAP),
+            return_overflowing_tokens=True, stride=int(self.max_length * self.window_overlap),
         )  # fmt: skip
         ids, owner = enc["input_ids"], enc["overflow_to_sample_mapping"]
         # a short tail window says little; every text keeps its first window
